@@ -1,0 +1,81 @@
+"""Serving stored bytes over HTTP: single and suffix byte ranges, ETags, HEAD.
+
+Hand-written because the bytes come from the BlobStore port, not from a file path, so
+Starlette's ``FileResponse`` cannot serve them; multi-range requests get the whole body, which
+RFC 9110 §14.2 allows.
+"""
+
+from __future__ import annotations
+
+from email.utils import format_datetime
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from voxvault.errors import RangeNotSatisfiable
+from voxvault.names import content_disposition
+from voxvault.vault import Download
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The inclusive byte range a ``Range`` header asks for, or None to send everything.
+
+    Syntactically invalid or multi-range headers are ignored (None); a well-formed range that
+    no byte of the resource satisfies raises ``RangeNotSatisfiable``.
+    """
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":
+        if last == "":
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable("the requested range is empty", size=size)
+        return max(0, size - suffix), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable(f"the range starts past the end ({size} bytes)", size=size)
+    return start, min(int(last), size - 1) if last else size - 1
+
+
+def serve_download(
+    request: Request, download: Download, *, cache_control: str = "private, max-age=0"
+) -> Response:
+    headers = {
+        "Accept-Ranges": "bytes",
+        "ETag": download.etag,
+        "Last-Modified": format_datetime(download.modified_at, usegmt=True),
+        "Cache-Control": cache_control,
+        "Content-Disposition": content_disposition(download.filename, "download"),
+        "X-Content-Type-Options": "nosniff",
+    }
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match and (if_none_match.strip() == "*" or download.etag in if_none_match):
+        return Response(status_code=304, headers=headers)
+
+    wanted = parse_range(request.headers.get("range"), download.size)
+    if_range = request.headers.get("if-range")
+    if wanted is not None and if_range is not None and if_range.strip() != download.etag:
+        wanted = None  # the client's copy is stale: send the current whole
+    if wanted is None:
+        status, start, length = 200, 0, download.size
+    else:
+        status, start, length = 206, wanted[0], wanted[1] - wanted[0] + 1
+        headers["Content-Range"] = f"bytes {wanted[0]}-{wanted[1]}/{download.size}"
+    headers["Content-Length"] = str(length)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type=download.content_type)
+    return StreamingResponse(
+        download.stream(start, length),
+        status_code=status,
+        headers=headers,
+        media_type=download.content_type,
+    )

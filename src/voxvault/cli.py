@@ -1,0 +1,252 @@
+"""The ``voxvault`` command: serve the API, or work on the data directory directly.
+
+Every command except ``serve`` opens the same stores the server uses (SQLite in WAL mode allows
+both at once), so the CLI works whether or not a server is running.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from voxvault.errors import VoxVaultError
+from voxvault.exports import ExportFormat
+from voxvault.models import RecordingQuery, RecordingStatus
+from voxvault.settings import Settings
+from voxvault.vault import Vault
+
+app = typer.Typer(
+    name="voxvault",
+    help="VoxVault: storage for recordings, transcripts and everything derived from them.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+T = TypeVar("T")
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", envvar="VOXVAULT_DATA_DIR", help="Data directory."),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@app.callback()
+def main(ctx: typer.Context, data_dir: DataDir = None) -> None:
+    ctx.obj = Settings(data_dir=data_dir) if data_dir is not None else Settings()
+
+
+def _run(ctx: typer.Context, action: Callable[[Vault], Awaitable[T]]) -> T:
+    """Open the vault of the context's settings, run ``action``, turn errors into exit 1."""
+    settings: Settings = ctx.obj
+
+    async def go() -> T:
+        async with await Vault.open(settings) as vault:
+            return await action(vault)
+
+    try:
+        return anyio.run(go)
+    except VoxVaultError as exc:
+        errors.print(f"[red]error:[/red] {exc.message}")
+        if exc.detail:
+            errors.print(json.dumps(exc.detail, default=str))
+        raise typer.Exit(1) from None
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from voxvault.api import create_app
+
+    settings: Settings = ctx.obj
+    console.print(f"VoxVault on http://{host}:{port}  (data: {settings.data_dir})")
+    uvicorn.run(create_app(settings=settings), host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def migrate(ctx: typer.Context) -> None:
+    """Bring the database schema up to date (the server also does this at start)."""
+
+    async def action(vault: Vault) -> None:
+        await vault.metadata.migrate()
+
+    _run(ctx, action)
+    console.print("database schema is up to date")
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Argument(help="Audio or video files.", exists=True)],
+    title: Annotated[str | None, typer.Option(help="Title (for a single file).")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Tag; repeatable.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Store files as recordings, with a progress bar."""
+    if title and len(files) > 1:
+        raise typer.BadParameter("--title applies to a single file")
+
+    async def action(vault: Vault) -> list[dict[str, Any]]:
+        stored: list[dict[str, Any]] = []
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=errors, transient=as_json) as progress:
+            for path in files:
+                task = progress.add_task(path.name, total=path.stat().st_size)
+                recording = await vault.add_file(
+                    path,
+                    title=title,
+                    tags=tag,
+                    on_progress=lambda n, task=task: progress.advance(task, n),
+                )
+                stored.append(recording.model_dump(mode="json"))
+        return stored
+
+    stored = _run(ctx, action)
+    if as_json:
+        _print_json(stored)
+        return
+    for item in stored:
+        console.print(f"[green]stored[/green] {item['id']}  {item['filename']}  {item['duration_s']} s")
+
+
+@app.command("ls")
+def list_recordings(
+    ctx: typer.Context,
+    status: Annotated[RecordingStatus | None, typer.Option(help="Only this status.")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only recordings with this tag.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """List recordings, newest first."""
+
+    async def action(vault: Vault) -> list[dict[str, Any]]:
+        query = RecordingQuery(status=status, tag=tag, limit=min(limit, 500))
+        found: list[dict[str, Any]] = []
+        async for recording in vault.iter_recordings(query):
+            found.append(recording.model_dump(mode="json"))
+            if len(found) >= limit:
+                break
+        return found
+
+    found = _run(ctx, action)
+    if as_json:
+        _print_json(found)
+        return
+    table = Table("id", "title", "filename", "status", "duration", "size", "tags", "created")
+    for item in found:
+        table.add_row(
+            item["id"],
+            item["title"] or "",
+            item["filename"] or "",
+            item["status"],
+            f"{item['duration_s']:.1f} s" if item["duration_s"] is not None else "",
+            f"{item['size_bytes']:,}",
+            ", ".join(item["tags"]),
+            item["created_at"][:19],
+        )
+    console.print(table)
+
+
+@app.command()
+def show(ctx: typer.Context, recording_id: str) -> None:
+    """Show one recording as JSON, with its transcript versions and artifacts."""
+
+    async def action(vault: Vault) -> dict[str, Any]:
+        recording = await vault.get_recording(recording_id)
+        versions = await vault.list_transcript_versions(recording_id)
+        artifacts = await vault.list_artifacts(recording_id)
+        shown = recording.model_dump(mode="json")
+        shown["transcript_versions"] = [v.model_dump(mode="json") for v in versions]
+        shown["artifacts"] = [a.model_dump(mode="json") for a in artifacts]
+        return shown
+
+    _print_json(_run(ctx, action))
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    recording_id: str,
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="Export format.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write.")] = None,
+    version: Annotated[int | None, typer.Option(min=1, help="Transcript version.")] = None,
+) -> None:
+    """Export the transcript as srt, vtt, txt, md or json."""
+
+    async def action(vault: Vault) -> str:
+        text, _, _ = await vault.export_transcript(recording_id, fmt, version)
+        return text
+
+    text = _run(ctx, action)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        errors.print(f"wrote {output}")
+
+
+@app.command("rm")
+def remove(ctx: typer.Context, recording_ids: list[str]) -> None:
+    """Delete recordings with every byte, transcript and artifact of them."""
+
+    async def action(vault: Vault) -> None:
+        for recording_id in recording_ids:
+            await vault.delete_recording(recording_id)
+            console.print(f"deleted {recording_id}")
+
+    _run(ctx, action)
+
+
+@app.command("storage-info")
+def storage_info(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Backends in use, what they hold, and free space."""
+
+    async def action(vault: Vault) -> dict[str, Any]:
+        return (await vault.storage_info()).model_dump(mode="json")
+
+    info = _run(ctx, action)
+    if as_json:
+        _print_json(info)
+        return
+    table = Table("", "value", show_header=False)
+    table.add_row("database", f"{info['database']['backend']}  {info['database']['url']}")
+    table.add_row("blobs", f"{info['blobs']['backend']}  {info['blobs'].get('location', '')}")
+    if "free_bytes" in info["blobs"]:
+        table.add_row("free disk", f"{info['blobs']['free_bytes']:,} bytes")
+    for name, value in info["usage"].items():
+        table.add_row(name.replace("_", " "), f"{value:,}")
+    console.print(table)

@@ -1,0 +1,108 @@
+"""The MetadataStore port: records of recordings, transcripts and artifacts, per workspace.
+
+Every method takes the workspace it acts in; no method can reach another workspace's rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from voxvault.models import (
+    Artifact,
+    Recording,
+    RecordingPage,
+    RecordingQuery,
+    RecordingStatus,
+    StorageUsage,
+    Transcript,
+    TranscriptInput,
+    TranscriptVersion,
+)
+
+DEFAULT_WORKSPACE = "default"
+
+
+class MetadataStore(ABC):
+    @abstractmethod
+    async def migrate(self) -> None:
+        """Bring the schema to the newest version; safe to run from several processes."""
+
+    @abstractmethod
+    async def check(self) -> None:
+        """Raise ``BackendUnavailable`` unless the database answers now."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    # ---- recordings ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def insert_recording(self, workspace: str, recording: Recording) -> None: ...
+
+    @abstractmethod
+    async def get_recording(self, workspace: str, recording_id: str) -> Recording:
+        """The recording, unless absent or being deleted (``NotFound``)."""
+
+    @abstractmethod
+    async def list_recordings(self, workspace: str, query: RecordingQuery) -> RecordingPage:
+        """Newest first; ``next_cursor`` continues after the last item."""
+
+    @abstractmethod
+    async def update_recording(
+        self,
+        workspace: str,
+        recording_id: str,
+        *,
+        title: str | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        status: RecordingStatus | None = None,
+    ) -> Recording:
+        """Change the given fields (``None`` leaves one as it is) and bump ``updated_at``."""
+
+    @abstractmethod
+    async def purge_recording(self, workspace: str, recording_id: str) -> bool:
+        """Remove the row and every transcript and artifact row of it; False when absent."""
+
+    # ---- transcripts --------------------------------------------------------------------------
+
+    @abstractmethod
+    async def add_transcript(
+        self, workspace: str, recording_id: str, transcript: TranscriptInput
+    ) -> Transcript:
+        """Store the next version (1, 2, ...) atomically, even under concurrent writers."""
+
+    @abstractmethod
+    async def get_transcript(
+        self, workspace: str, recording_id: str, version: int | None = None
+    ) -> Transcript:
+        """The given version, or the newest; ``NotFound`` when there is none."""
+
+    @abstractmethod
+    async def list_transcript_versions(
+        self, workspace: str, recording_id: str
+    ) -> list[TranscriptVersion]: ...
+
+    # ---- artifacts ----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def upsert_artifact(self, workspace: str, recording_id: str, artifact: Artifact) -> None:
+        """Insert or replace the artifact record of that name (``created_at`` kept on replace)."""
+
+    @abstractmethod
+    async def get_artifact(self, workspace: str, recording_id: str, name: str) -> Artifact: ...
+
+    @abstractmethod
+    async def list_artifacts(self, workspace: str, recording_id: str) -> list[Artifact]: ...
+
+    @abstractmethod
+    async def delete_artifact(self, workspace: str, recording_id: str, name: str) -> bool: ...
+
+    # ---- accounting ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def usage(self, workspace: str) -> StorageUsage: ...

@@ -1,0 +1,436 @@
+"""MetadataStore on SQLAlchemy 2 (async): SQLite embedded, PostgreSQL for scale-out.
+
+SQLite runs in WAL mode with ``synchronous=FULL`` so that a committed row survives power loss,
+and a busy timeout so that the CLI and a running server can share one database file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import InterfaceError as SAInterfaceError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from voxvault.errors import BackendUnavailable, ConfigurationError, InvalidRequest, NotFound
+from voxvault.metadata.base import MetadataStore
+from voxvault.metadata.tables import artifacts, recording_tags, recordings, transcripts
+from voxvault.models import (
+    Artifact,
+    Recording,
+    RecordingPage,
+    RecordingQuery,
+    RecordingStatus,
+    Segment,
+    StorageUsage,
+    Transcript,
+    TranscriptInput,
+    TranscriptVersion,
+)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_DRIVERS = {"sqlite": ("sqlite+aiosqlite", "sqlite"), "postgresql": ("postgresql+psycopg",) * 2}
+
+
+def _driver_urls(url: str) -> tuple[str, str]:
+    """The async URL the store runs on and the sync URL migrations run on."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend not in _DRIVERS:
+        raise ConfigurationError(f"unsupported database URL {url!r}; use sqlite:// or postgresql://")
+    async_driver, sync_driver = _DRIVERS[backend]
+    return (
+        parsed.set(drivername=async_driver).render_as_string(hide_password=False),
+        parsed.set(drivername=sync_driver).render_as_string(hide_password=False),
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def encode_cursor(created_at: datetime, recording_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), recording_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, recording_id = json.loads(raw)
+        when = datetime.fromisoformat(created)
+        if not isinstance(recording_id, str) or when.tzinfo is None:
+            raise ValueError
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest("the cursor is not one this server issued") from None
+    return when, recording_id
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _recording(row: sa.Row[Any]) -> Recording:
+    return Recording.model_validate(dict(row._mapping))
+
+
+def _artifact(row: sa.Row[Any]) -> Artifact:
+    return Artifact.model_validate(dict(row._mapping))
+
+
+class SqlMetadataStore(MetadataStore):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        async_url, self._sync_url = _driver_urls(url)
+        self.dialect = make_url(async_url).get_backend_name()
+        self.engine: AsyncEngine = create_async_engine(async_url, pool_pre_ping=True)
+        if self.dialect == "sqlite":
+            database = make_url(async_url).database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    @classmethod
+    def from_url(cls, url: str) -> SqlMetadataStore:
+        return cls(url)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.dialect,
+            "url": make_url(self.url).render_as_string(hide_password=True),
+        }
+
+    async def migrate(self) -> None:
+        def upgrade() -> None:
+            engine = sa.create_engine(self._sync_url)
+            if self.dialect == "sqlite":
+                event.listen(engine, "connect", _sqlite_pragmas)
+            try:
+                with engine.begin() as connection:
+                    config = Config()
+                    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+                    config.attributes["connection"] = connection
+                    command.upgrade(config, "head")
+            finally:
+                engine.dispose()
+
+        await anyio.to_thread.run_sync(upgrade)
+
+    async def check(self) -> None:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except (OperationalError, SAInterfaceError, OSError) as exc:
+            raise BackendUnavailable(f"the database is unreachable: {exc}") from exc
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # ---- recordings ---------------------------------------------------------------------------
+
+    async def insert_recording(self, workspace: str, recording: Recording) -> None:
+        values = recording.model_dump()
+        async with self.engine.begin() as conn:
+            await conn.execute(recordings.insert().values(workspace_id=workspace, **values))
+            await self._replace_tags(conn, recording.id, recording.tags)
+
+    @staticmethod
+    async def _replace_tags(conn: AsyncConnection, recording_id: str, tags: list[str]) -> None:
+        await conn.execute(recording_tags.delete().where(recording_tags.c.recording_id == recording_id))
+        if tags:
+            await conn.execute(
+                recording_tags.insert(), [{"recording_id": recording_id, "tag": t} for t in tags]
+            )
+
+    @staticmethod
+    def _visible(workspace: str) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            recordings.c.workspace_id == workspace,
+            recordings.c.status != RecordingStatus.DELETING.value,
+        )
+
+    async def _fetch_recording(
+        self, conn: AsyncConnection, workspace: str, recording_id: str
+    ) -> Recording:
+        columns = [c for c in recordings.c if c.name != "workspace_id"]
+        query = sa.select(*columns).where(self._visible(workspace), recordings.c.id == recording_id)
+        row = (await conn.execute(query)).first()
+        if row is None:
+            raise NotFound(f"no recording {recording_id!r}", detail={"recording_id": recording_id})
+        return _recording(row)
+
+    async def get_recording(self, workspace: str, recording_id: str) -> Recording:
+        async with self.engine.connect() as conn:
+            return await self._fetch_recording(conn, workspace, recording_id)
+
+    async def list_recordings(self, workspace: str, query: RecordingQuery) -> RecordingPage:
+        columns = [c for c in recordings.c if c.name != "workspace_id"]
+        stmt = sa.select(*columns).where(self._visible(workspace))
+        if query.status is not None:
+            stmt = stmt.where(recordings.c.status == query.status.value)
+        if query.tag is not None:
+            tagged = sa.select(recording_tags.c.recording_id).where(recording_tags.c.tag == query.tag)
+            stmt = stmt.where(recordings.c.id.in_(tagged))
+        if query.created_after is not None:
+            stmt = stmt.where(recordings.c.created_at > _utc(query.created_after))
+        if query.created_before is not None:
+            stmt = stmt.where(recordings.c.created_at < _utc(query.created_before))
+        if query.cursor is not None:
+            created, last_id = decode_cursor(query.cursor)
+            stmt = stmt.where(
+                sa.or_(
+                    recordings.c.created_at < created,
+                    sa.and_(recordings.c.created_at == created, recordings.c.id < last_id),
+                )
+            )
+        stmt = stmt.order_by(recordings.c.created_at.desc(), recordings.c.id.desc())
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(stmt.limit(query.limit + 1))).all()
+        items = [_recording(row) for row in rows[: query.limit]]
+        more = len(rows) > query.limit
+        next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if more else None
+        return RecordingPage(items=items, next_cursor=next_cursor)
+
+    async def update_recording(
+        self,
+        workspace: str,
+        recording_id: str,
+        *,
+        title: str | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        status: RecordingStatus | None = None,
+    ) -> Recording:
+        changes: dict[str, Any] = {"updated_at": datetime.now(UTC)}
+        if title is not None:
+            changes["title"] = title
+        if tags is not None:
+            changes["tags"] = tags
+        if metadata is not None:
+            changes["metadata"] = metadata
+        if status is not None:
+            changes["status"] = status.value
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                recordings.update()
+                .where(self._visible(workspace), recordings.c.id == recording_id)
+                .values(**changes)
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"no recording {recording_id!r}", detail={"recording_id": recording_id})
+            if tags is not None:
+                await self._replace_tags(conn, recording_id, tags)
+            if status is RecordingStatus.DELETING:
+                return await self._fetch_deleting(conn, recording_id)
+            return await self._fetch_recording(conn, workspace, recording_id)
+
+    @staticmethod
+    async def _fetch_deleting(conn: AsyncConnection, recording_id: str) -> Recording:
+        columns = [c for c in recordings.c if c.name != "workspace_id"]
+        row = (await conn.execute(sa.select(*columns).where(recordings.c.id == recording_id))).one()
+        return _recording(row)
+
+    async def purge_recording(self, workspace: str, recording_id: str) -> bool:
+        async with self.engine.begin() as conn:
+            owned = sa.and_(recordings.c.workspace_id == workspace, recordings.c.id == recording_id)
+            exists = (await conn.execute(sa.select(recordings.c.id).where(owned))).first()
+            if exists is None:
+                return False
+            # Children are removed explicitly too, so that no engine setting can leave any behind.
+            for child in (transcripts, artifacts, recording_tags):
+                await conn.execute(child.delete().where(child.c.recording_id == recording_id))
+            await conn.execute(recordings.delete().where(owned))
+        return True
+
+    # ---- transcripts --------------------------------------------------------------------------
+
+    async def add_transcript(
+        self, workspace: str, recording_id: str, transcript: TranscriptInput
+    ) -> Transcript:
+        created_at = datetime.now(UTC)
+        segments = [s.model_dump(exclude_none=True) for s in transcript.segments]
+        for _attempt in range(5):
+            try:
+                async with self.engine.begin() as conn:
+                    await self._fetch_recording(conn, workspace, recording_id)
+                    next_version = sa.select(
+                        sa.func.coalesce(sa.func.max(transcripts.c.version), 0) + 1
+                    ).where(transcripts.c.recording_id == recording_id)
+                    version = (await conn.execute(next_version)).scalar_one()
+                    await conn.execute(
+                        transcripts.insert().values(
+                            recording_id=recording_id,
+                            version=version,
+                            language=transcript.language,
+                            segment_count=len(segments),
+                            segments=segments,
+                            created_at=created_at,
+                        )
+                    )
+            except IntegrityError:
+                continue  # another writer took that version number; take the next one
+            return Transcript(
+                recording_id=recording_id,
+                version=version,
+                language=transcript.language,
+                segments=transcript.segments,
+                created_at=created_at,
+            )
+        raise BackendUnavailable("could not allocate a transcript version; try again")
+
+    async def get_transcript(
+        self, workspace: str, recording_id: str, version: int | None = None
+    ) -> Transcript:
+        stmt = sa.select(transcripts).where(transcripts.c.recording_id == recording_id)
+        if version is None:
+            stmt = stmt.order_by(transcripts.c.version.desc()).limit(1)
+        else:
+            stmt = stmt.where(transcripts.c.version == version)
+        async with self.engine.connect() as conn:
+            await self._fetch_recording(conn, workspace, recording_id)
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            which = "a transcript" if version is None else f"transcript version {version}"
+            raise NotFound(f"recording {recording_id!r} has no {which}")
+        return Transcript(
+            recording_id=recording_id,
+            version=row.version,
+            language=row.language,
+            segments=[Segment.model_validate(s) for s in row.segments],
+            created_at=row.created_at,
+        )
+
+    async def list_transcript_versions(
+        self, workspace: str, recording_id: str
+    ) -> list[TranscriptVersion]:
+        stmt = (
+            sa.select(
+                transcripts.c.version,
+                transcripts.c.language,
+                transcripts.c.segment_count,
+                transcripts.c.created_at,
+            )
+            .where(transcripts.c.recording_id == recording_id)
+            .order_by(transcripts.c.version)
+        )
+        async with self.engine.connect() as conn:
+            await self._fetch_recording(conn, workspace, recording_id)
+            rows = (await conn.execute(stmt)).all()
+        return [TranscriptVersion.model_validate(dict(row._mapping)) for row in rows]
+
+    # ---- artifacts ----------------------------------------------------------------------------
+
+    async def upsert_artifact(self, workspace: str, recording_id: str, artifact: Artifact) -> None:
+        key = sa.and_(artifacts.c.recording_id == recording_id, artifacts.c.name == artifact.name)
+        fields = artifact.model_dump(exclude={"name", "created_at"})
+        async with self.engine.begin() as conn:
+            await self._fetch_recording(conn, workspace, recording_id)
+            replaced = await conn.execute(
+                artifacts.update().where(key).values(updated_at=artifact.created_at, **fields)
+            )
+            if replaced.rowcount == 0:
+                await conn.execute(
+                    artifacts.insert().values(
+                        recording_id=recording_id,
+                        name=artifact.name,
+                        created_at=artifact.created_at,
+                        updated_at=artifact.created_at,
+                        **fields,
+                    )
+                )
+
+    async def get_artifact(self, workspace: str, recording_id: str, name: str) -> Artifact:
+        async with self.engine.connect() as conn:
+            await self._fetch_recording(conn, workspace, recording_id)
+            row = (
+                await conn.execute(
+                    sa.select(*self._artifact_columns()).where(
+                        artifacts.c.recording_id == recording_id, artifacts.c.name == name
+                    )
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"recording {recording_id!r} has no artifact {name!r}")
+        return _artifact(row)
+
+    @staticmethod
+    def _artifact_columns() -> list[sa.Column[Any]]:
+        return [
+            artifacts.c.name,
+            artifacts.c.content_type,
+            artifacts.c.size_bytes,
+            artifacts.c.sha256,
+            artifacts.c.created_at,
+        ]
+
+    async def list_artifacts(self, workspace: str, recording_id: str) -> list[Artifact]:
+        async with self.engine.connect() as conn:
+            await self._fetch_recording(conn, workspace, recording_id)
+            rows = (
+                await conn.execute(
+                    sa.select(*self._artifact_columns())
+                    .where(artifacts.c.recording_id == recording_id)
+                    .order_by(artifacts.c.name)
+                )
+            ).all()
+        return [_artifact(row) for row in rows]
+
+    async def delete_artifact(self, workspace: str, recording_id: str, name: str) -> bool:
+        async with self.engine.begin() as conn:
+            await self._fetch_recording(conn, workspace, recording_id)
+            result = await conn.execute(
+                artifacts.delete().where(
+                    artifacts.c.recording_id == recording_id, artifacts.c.name == name
+                )
+            )
+        return bool(result.rowcount)
+
+    # ---- accounting ---------------------------------------------------------------------------
+
+    async def usage(self, workspace: str) -> StorageUsage:
+        owned = sa.select(recordings.c.id).where(recordings.c.workspace_id == workspace)
+        async with self.engine.connect() as conn:
+            rec = (
+                await conn.execute(
+                    sa.select(
+                        sa.func.count(), sa.func.coalesce(sa.func.sum(recordings.c.size_bytes), 0)
+                    ).where(self._visible(workspace))
+                )
+            ).one()
+            tr = (
+                await conn.execute(
+                    sa.select(sa.func.count()).where(transcripts.c.recording_id.in_(owned))
+                )
+            ).scalar_one()
+            art = (
+                await conn.execute(
+                    sa.select(
+                        sa.func.count(), sa.func.coalesce(sa.func.sum(artifacts.c.size_bytes), 0)
+                    ).where(artifacts.c.recording_id.in_(owned))
+                )
+            ).one()
+        return StorageUsage(
+            recordings=rec[0],
+            recording_bytes=rec[1],
+            transcripts=tr,
+            artifacts=art[0],
+            artifact_bytes=art[1],
+        )
+

@@ -1,0 +1,126 @@
+"""SQLAlchemy Core tables: the schema that the Alembic migrations create."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    TypeDecorator,
+    UniqueConstraint,
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored as UTC and always returned timezone-aware, on every engine."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+workspaces = Table(
+    "workspaces",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+recordings = Table(
+    "recordings",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("workspace_id", String(64), ForeignKey("workspaces.id"), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("title", String(500)),
+    Column("filename", String(255)),
+    Column("content_type", String(255), nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("duration_s", Float),
+    Column("sample_rate", Integer),
+    Column("channels", Integer),
+    Column("codec", String(64)),
+    Column("tags", JSON, nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Index("ix_recordings_workspace_created", "workspace_id", "created_at", "id"),
+)
+
+# Tags are kept twice: in order on the recording (what clients see) and here (what filters use).
+recording_tags = Table(
+    "recording_tags",
+    metadata,
+    Column(
+        "recording_id",
+        String(64),
+        ForeignKey("recordings.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("tag", String(64), primary_key=True),
+    Index("ix_recording_tags_tag", "tag"),
+)
+
+transcripts = Table(
+    "transcripts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "recording_id",
+        String(64),
+        ForeignKey("recordings.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("version", Integer, nullable=False),
+    Column("language", String(32)),
+    Column("segment_count", Integer, nullable=False),
+    Column("segments", JSON, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("recording_id", "version", name="uq_transcripts_recording_version"),
+)
+
+artifacts = Table(
+    "artifacts",
+    metadata,
+    Column(
+        "recording_id",
+        String(64),
+        ForeignKey("recordings.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("name", String(128), primary_key=True),
+    Column("content_type", String(255), nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)

@@ -1,0 +1,197 @@
+"""The shapes VoxVault speaks in: records the service returns and inputs it validates.
+
+Field names here are the API contract (handbook §3); every front-end renders these models.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+MAX_SEGMENT_TEXT = 10_000
+MAX_SEGMENTS = 100_000
+MAX_WORDS_PER_SEGMENT = 2_000
+MAX_TITLE = 500
+MAX_TAGS = 64
+MAX_METADATA_BYTES = 64 * 1024
+TAG_PATTERN = r"^[\w][\w .:/+-]{0,63}$"
+
+
+class RecordingStatus(StrEnum):
+    UPLOADING = "uploading"
+    STORED = "stored"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    READY = "ready"
+    FAILED = "failed"
+    DELETING = "deleting"
+
+
+class Recording(BaseModel):
+    id: str
+    status: RecordingStatus
+    title: str | None
+    filename: str | None
+    content_type: str
+    size_bytes: int
+    sha256: str
+    duration_s: float | None
+    sample_rate: int | None
+    channels: int | None
+    codec: str | None
+    tags: list[str]
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class RecordingPage(BaseModel):
+    items: list[Recording]
+    next_cursor: str | None
+
+
+def _unique_tags(tags: list[str]) -> list[str]:
+    return list(dict.fromkeys(tags))
+
+
+def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata must serialize to at most {MAX_METADATA_BYTES} bytes")
+    return value
+
+
+Tag = Annotated[str, Field(pattern=TAG_PATTERN)]
+Tags = Annotated[list[Tag], Field(max_length=MAX_TAGS), AfterValidator(_unique_tags)]
+Title = Annotated[str, Field(min_length=1, max_length=MAX_TITLE)]
+Metadata = Annotated[dict[str, Any], AfterValidator(_bounded_metadata)]
+
+
+class RecordingPatch(BaseModel):
+    """Fields a client may change; anything else in the body is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: Title | None = None
+    tags: Tags | None = None
+    metadata: Metadata | None = None
+
+
+class RecordingQuery(BaseModel):
+    limit: Annotated[int, Field(ge=1, le=500)] = 50
+    cursor: str | None = None
+    status: RecordingStatus | None = None
+    tag: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Word(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start: Seconds
+    end: Seconds
+    word: Annotated[str, Field(max_length=200)]
+    probability: Annotated[float | None, Field(ge=0, le=1, allow_inf_nan=False)] = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Word:
+        if self.end < self.start:
+            raise ValueError("word end is before its start")
+        return self
+
+
+class Segment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start: Seconds
+    end: Seconds
+    speaker: Annotated[str | None, Field(max_length=100)] = None
+    text: Annotated[str, Field(max_length=MAX_SEGMENT_TEXT)]
+    words: Annotated[list[Word] | None, Field(max_length=MAX_WORDS_PER_SEGMENT)] = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Segment:
+        if self.end < self.start:
+            raise ValueError("segment end is before its start")
+        if self.words:
+            starts = [word.start for word in self.words]
+            if starts != sorted(starts):
+                raise ValueError("words are not in time order")
+        return self
+
+
+LANGUAGE_PATTERN = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+
+
+class TranscriptInput(BaseModel):
+    """A transcript submitted from elsewhere; stored as a new version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    language: Annotated[str | None, Field(pattern=LANGUAGE_PATTERN.pattern)] = None
+    segments: Annotated[list[Segment], Field(max_length=MAX_SEGMENTS)]
+
+    @model_validator(mode="after")
+    def _segments_in_order(self) -> TranscriptInput:
+        starts = [segment.start for segment in self.segments]
+        if starts != sorted(starts):
+            raise ValueError("segments are not in time order")
+        return self
+
+
+class Transcript(BaseModel):
+    recording_id: str
+    version: int
+    language: str | None
+    segments: list[Segment]
+    created_at: datetime
+
+
+class TranscriptVersion(BaseModel):
+    version: int
+    language: str | None
+    segment_count: int
+    created_at: datetime
+
+
+class TranscriptVersionList(BaseModel):
+    items: list[TranscriptVersion]
+
+
+class Artifact(BaseModel):
+    name: str
+    content_type: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class ArtifactList(BaseModel):
+    items: list[Artifact]
+
+
+class PlaybackLink(BaseModel):
+    url: str
+    expires_at: datetime
+
+
+class StorageUsage(BaseModel):
+    recordings: int
+    recording_bytes: int
+    transcripts: int
+    artifacts: int
+    artifact_bytes: int
+
+
+class StorageInfo(BaseModel):
+    database: dict[str, Any]
+    blobs: dict[str, Any]
+    usage: StorageUsage

@@ -1,0 +1,75 @@
+"""Settings: one typed class read from ``VOXVAULT_*`` environment variables.
+
+Backends are chosen by URL scheme (``sqlite://``, ``file://``; scale-out adapters add theirs).
+Defaults put everything under one data directory so that a fresh machine needs no servers.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from voxvault.errors import ConfigurationError
+
+GiB = 1024**3
+MAX_PLAYBACK_URL_TTL = 7 * 24 * 3600
+SECRET_KEY_FILENAME = "secret.key"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VOXVAULT_", extra="ignore")
+
+    data_dir: Path = Path("./voxvault-data")
+    database_url: str = ""
+    blob_url: str = ""
+    max_upload_bytes: Annotated[int, Field(gt=0)] = 10 * GiB
+    secret_key: SecretStr | None = None
+    playback_url_ttl: Annotated[int, Field(gt=0, le=MAX_PLAYBACK_URL_TTL)] = 3600
+    public_url: str | None = None
+    """Base URL clients reach this server at (behind a proxy); signed links are built on it."""
+
+    @model_validator(mode="after")
+    def _fill_backend_urls(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'voxvault.db'}"
+        if not self.blob_url:
+            self.blob_url = (self.data_dir / "blobs").as_uri()
+        return self
+
+    def load_secret_key(self) -> bytes:
+        """The signing key: the configured one, else the one kept in the data directory.
+
+        The kept key is created once, with mode 0600, by whichever process gets there first.
+        """
+        if self.secret_key is not None:
+            value = self.secret_key.get_secret_value()
+            if len(value) < 16:
+                raise ConfigurationError("VOXVAULT_SECRET_KEY must be at least 16 characters")
+            return value.encode()
+        path = self.data_dir / SECRET_KEY_FILENAME
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            # Written under a private name, then linked into place: a racing process either
+            # wins the link or reads the complete key of the one that did.
+            staging = self.data_dir / f".{SECRET_KEY_FILENAME}.{secrets.token_hex(8)}"
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(48))
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(staging, path)
+            except FileExistsError:
+                pass
+            finally:
+                staging.unlink()
+        key = path.read_text().strip()
+        if len(key) < 16:
+            raise ConfigurationError(f"the secret key in {path} is damaged")
+        return key.encode()

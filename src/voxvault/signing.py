@@ -1,0 +1,30 @@
+"""HMAC-signed playback URLs, bound to one recording, one workspace and one expiry."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+
+from voxvault.errors import SignatureInvalid
+
+
+class PlaybackSigner:
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _signature(self, workspace: str, recording_id: str, expires: int) -> str:
+        message = f"playback\n{workspace}\n{recording_id}\n{expires}".encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def sign(self, workspace: str, recording_id: str, expires: int) -> str:
+        return self._signature(workspace, recording_id, expires)
+
+    def verify(
+        self, workspace: str, recording_id: str, expires: int, signature: str, *, now: float | None = None
+    ) -> None:
+        expected = self._signature(workspace, recording_id, expires)
+        if not hmac.compare_digest(expected, signature):
+            raise SignatureInvalid("the playback link is not valid")
+        if expires <= (time.time() if now is None else now):
+            raise SignatureInvalid("the playback link has expired")
