@@ -19,6 +19,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -126,12 +127,11 @@ def ingest(
         with Progress(*columns, console=errors, transient=as_json) as progress:
             for path in files:
                 task = progress.add_task(path.name, total=path.stat().st_size)
-                recording = await vault.add_file(
-                    path,
-                    title=title,
-                    tags=tag,
-                    on_progress=lambda n, task=task: progress.advance(task, n),
-                )
+
+                def advance(sent: int, task: TaskID = task) -> None:
+                    progress.advance(task, sent)
+
+                recording = await vault.add_file(path, title=title, tags=tag, on_progress=advance)
                 stored.append(recording.model_dump(mode="json"))
         return stored
 
@@ -140,7 +140,9 @@ def ingest(
         _print_json(stored)
         return
     for item in stored:
-        console.print(f"[green]stored[/green] {item['id']}  {item['filename']}  {item['duration_s']} s")
+        console.print(
+            f"[green]stored[/green] {item['id']}  {item['filename']}  {item['duration_s']} s"
+        )
 
 
 @app.command("ls")
@@ -166,7 +168,10 @@ def list_recordings(
     if as_json:
         _print_json(found)
         return
-    table = Table("id", "title", "filename", "status", "duration", "size", "tags", "created")
+    table = Table(expand=False)
+    table.add_column("id", no_wrap=True, min_width=32)
+    for column in ("title", "filename", "status", "duration", "size", "tags", "created"):
+        table.add_column(column, overflow="fold")
     for item in found:
         table.add_row(
             item["id"],

@@ -19,7 +19,9 @@ ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 RECORDING_ID = re.compile(r"^[0-9a-f]{32}$")
 # Bidirectional marks, embeddings, overrides and isolates: they make a name read differently
 # from what it is (the "exe.mp3" spoofing trick).
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
 
 
 def new_recording_id() -> str:
@@ -29,7 +31,9 @@ def new_recording_id() -> str:
 def check_recording_id(recording_id: str) -> str:
     """Ids are server-made; anything else cannot name a recording (404, not a lookup)."""
     if not RECORDING_ID.fullmatch(recording_id):
-        raise NotFound(f"no recording {recording_id[:64]!r}", detail={"recording_id": recording_id[:64]})
+        raise NotFound(
+            f"no recording {recording_id[:64]!r}", detail={"recording_id": recording_id[:64]}
+        )
     return recording_id
 
 
@@ -65,9 +69,10 @@ def check_artifact_name(name: str) -> str:
 def content_disposition(filename: str | None, fallback: str, *, inline: bool = True) -> str:
     """A header value that is safe whatever the stored name holds (RFC 6266 + RFC 5987)."""
     name = filename or fallback
-    ascii_name = "".join(
-        ch if 0x20 <= ord(ch) < 0x7F and ch not in '"\\;' else "_" for ch in name
-    ).strip() or fallback
+    ascii_name = (
+        "".join(ch if 0x20 <= ord(ch) < 0x7F and ch not in '"\\;' else "_" for ch in name).strip()
+        or fallback
+    )
     disposition = "inline" if inline else "attachment"
     value = f'{disposition}; filename="{ascii_name}"'
     if ascii_name != name:

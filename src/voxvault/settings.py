@@ -18,7 +18,7 @@ from voxvault.errors import ConfigurationError
 
 GiB = 1024**3
 MAX_PLAYBACK_URL_TTL = 7 * 24 * 3600
-SECRET_KEY_FILENAME = "secret.key"
+SECRET_KEY_FILENAME = "secret.key"  # noqa: S105 - a file name, not a secret
 
 
 class Settings(BaseSettings):

@@ -21,7 +21,13 @@ class PlaybackSigner:
         return self._signature(workspace, recording_id, expires)
 
     def verify(
-        self, workspace: str, recording_id: str, expires: int, signature: str, *, now: float | None = None
+        self,
+        workspace: str,
+        recording_id: str,
+        expires: int,
+        signature: str,
+        *,
+        now: float | None = None,
     ) -> None:
         expected = self._signature(workspace, recording_id, expires)
         if not hmac.compare_digest(expected, signature):

@@ -72,7 +72,9 @@ class Download:
         return f'"{self.sha256}"'
 
     def stream(self, start: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
-        return self._blobs.stream_range(self.key, start, self.size - start if length is None else length)
+        return self._blobs.stream_range(
+            self.key, start, self.size - start if length is None else length
+        )
 
 
 def _validation_failed(exc: ValidationError) -> ValidationFailed:
@@ -83,7 +85,9 @@ def _validation_failed(exc: ValidationError) -> ValidationFailed:
     return ValidationFailed("some fields are invalid", detail=errors)
 
 
-async def _file_chunks(path: Path, on_progress: Callable[[int], None] | None) -> AsyncIterator[bytes]:
+async def _file_chunks(
+    path: Path, on_progress: Callable[[int], None] | None
+) -> AsyncIterator[bytes]:
     async with await anyio.open_file(path, "rb") as handle:
         while chunk := await handle.read(FILE_CHUNK_BYTES):
             if on_progress is not None:
@@ -227,7 +231,9 @@ class Vault:
     async def list_recordings(self, query: RecordingQuery | None = None) -> RecordingPage:
         return await self.metadata.list_recordings(self.workspace, query or RecordingQuery())
 
-    async def iter_recordings(self, query: RecordingQuery | None = None) -> AsyncIterator[Recording]:
+    async def iter_recordings(
+        self, query: RecordingQuery | None = None
+    ) -> AsyncIterator[Recording]:
         """Every recording matching ``query``, following cursors page after page."""
         query = query or RecordingQuery()
         while True:

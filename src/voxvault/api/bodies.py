@@ -113,7 +113,9 @@ class MultipartUpload:
             return
         self._value += data[start:end]
         if len(self._value) > MAX_FORM_FIELD_BYTES:
-            raise PayloadTooLarge(f"form field {self._part_name!r} is over {MAX_FORM_FIELD_BYTES} bytes")
+            raise PayloadTooLarge(
+                f"form field {self._part_name!r} is over {MAX_FORM_FIELD_BYTES} bytes"
+            )
 
     def _on_part_end(self) -> None:
         if self._part_is_file:

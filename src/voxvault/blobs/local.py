@@ -161,7 +161,9 @@ class LocalBlobStore(BlobStore):
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     st = full.stat()
-                    found.append(BlobInfo(key=key, size=st.st_size, modified_at=_mtime(st.st_mtime)))
+                    found.append(
+                        BlobInfo(key=key, size=st.st_size, modified_at=_mtime(st.st_mtime))
+                    )
         found.sort(key=lambda info: info.key)
         return found
 
@@ -199,7 +201,9 @@ class LocalBlobStore(BlobStore):
         try:
             await anyio.to_thread.run_sync(probe)
         except OSError as exc:
-            raise BackendUnavailable(f"the blob directory {self.root} is not writable: {exc}") from exc
+            raise BackendUnavailable(
+                f"the blob directory {self.root} is not writable: {exc}"
+            ) from exc
 
     def describe(self) -> dict[str, Any]:
         usage = shutil.disk_usage(self.root)

@@ -22,6 +22,7 @@ def open_metadata_store(url: str) -> MetadataStore:
         )
     try:
         from voxvault.metadata.sql import SqlMetadataStore
+
         return SqlMetadataStore.from_url(url)
     except ModuleNotFoundError as exc:
         raise ConfigurationError(

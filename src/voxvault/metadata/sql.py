@@ -49,7 +49,9 @@ def _driver_urls(url: str) -> tuple[str, str]:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend not in _DRIVERS:
-        raise ConfigurationError(f"unsupported database URL {url!r}; use sqlite:// or postgresql://")
+        raise ConfigurationError(
+            f"unsupported database URL {url!r}; use sqlite:// or postgresql://"
+        )
     async_driver, sync_driver = _DRIVERS[backend]
     return (
         parsed.set(drivername=async_driver).render_as_string(hide_password=False),
@@ -153,7 +155,9 @@ class SqlMetadataStore(MetadataStore):
 
     @staticmethod
     async def _replace_tags(conn: AsyncConnection, recording_id: str, tags: list[str]) -> None:
-        await conn.execute(recording_tags.delete().where(recording_tags.c.recording_id == recording_id))
+        await conn.execute(
+            recording_tags.delete().where(recording_tags.c.recording_id == recording_id)
+        )
         if tags:
             await conn.execute(
                 recording_tags.insert(), [{"recording_id": recording_id, "tag": t} for t in tags]
@@ -186,7 +190,9 @@ class SqlMetadataStore(MetadataStore):
         if query.status is not None:
             stmt = stmt.where(recordings.c.status == query.status.value)
         if query.tag is not None:
-            tagged = sa.select(recording_tags.c.recording_id).where(recording_tags.c.tag == query.tag)
+            tagged = sa.select(recording_tags.c.recording_id).where(
+                recording_tags.c.tag == query.tag
+            )
             stmt = stmt.where(recordings.c.id.in_(tagged))
         if query.created_after is not None:
             stmt = stmt.where(recordings.c.created_at > _utc(query.created_after))
@@ -234,7 +240,9 @@ class SqlMetadataStore(MetadataStore):
                 .values(**changes)
             )
             if result.rowcount == 0:
-                raise NotFound(f"no recording {recording_id!r}", detail={"recording_id": recording_id})
+                raise NotFound(
+                    f"no recording {recording_id!r}", detail={"recording_id": recording_id}
+                )
             if tags is not None:
                 await self._replace_tags(conn, recording_id, tags)
             if status is RecordingStatus.DELETING:
@@ -433,4 +441,3 @@ class SqlMetadataStore(MetadataStore):
             artifacts=art[0],
             artifact_bytes=art[1],
         )
-
