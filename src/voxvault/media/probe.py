@@ -80,7 +80,7 @@ def _inspect(container: Any) -> MediaInfo:
     if decoded == 0:
         raise UnsupportedMedia("no audio could be decoded from the file")
     duration = _duration(container, stream)
-    codec = stream.codec_context.name
+    codec = stream.codec_context.codec.canonical_name
     return MediaInfo(
         container=container.format.name,
         codec=codec,

@@ -1,0 +1,286 @@
+"""Conformance suite for the MetadataStore port: a new adapter passes by adding one fixture param."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from voxvault.errors import InvalidRequest, NotFound
+from voxvault.metadata import DEFAULT_WORKSPACE, MetadataStore
+from voxvault.metadata.sql import SqlMetadataStore
+from voxvault.models import (
+    Artifact,
+    Recording,
+    RecordingQuery,
+    RecordingStatus,
+    Segment,
+    TranscriptInput,
+)
+
+pytestmark = pytest.mark.anyio
+WS = DEFAULT_WORKSPACE
+BASE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataStore]:
+    if request.param == "sqlite":
+        opened: MetadataStore = SqlMetadataStore(f"sqlite:///{tmp_path / 'meta.db'}")
+    await opened.migrate()
+    yield opened
+    await opened.close()
+
+
+def make_recording(minutes: int = 0, tags: list[str] | None = None, **changes: object) -> Recording:
+    when = BASE_TIME + timedelta(minutes=minutes)
+    fields: dict[str, object] = {
+        "id": uuid.uuid4().hex,
+        "status": RecordingStatus.STORED,
+        "title": f"take {minutes}",
+        "filename": "take.wav",
+        "content_type": "audio/wav",
+        "size_bytes": 1000 + minutes,
+        "sha256": "0" * 64,
+        "duration_s": 1.5,
+        "sample_rate": 16000,
+        "channels": 1,
+        "codec": "pcm_s16le",
+        "tags": tags or [],
+        "metadata": {"n": minutes},
+        "created_at": when,
+        "updated_at": when,
+    }
+    fields.update(changes)
+    return Recording.model_validate(fields)
+
+
+def transcript(*texts: str) -> TranscriptInput:
+    segments = [Segment(start=i, end=i + 0.5, text=t) for i, t in enumerate(texts)]
+    return TranscriptInput(language="en", segments=segments)
+
+
+async def test_insert_and_get_round_trip(store: MetadataStore) -> None:
+    recording = make_recording(tags=["a", "b"])
+    await store.insert_recording(WS, recording)
+    assert await store.get_recording(WS, recording.id) == recording
+
+
+async def test_workspaces_are_isolated(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    with pytest.raises(NotFound):
+        await store.get_recording("elsewhere", recording.id)
+    assert (await store.list_recordings("elsewhere", RecordingQuery())).items == []
+    with pytest.raises(NotFound):
+        await store.update_recording("elsewhere", recording.id, title="stolen")
+    assert await store.purge_recording("elsewhere", recording.id) is False
+    assert (await store.get_recording(WS, recording.id)).title == recording.title
+
+
+async def test_list_is_newest_first_and_cursor_pages_cover_everything_once(
+    store: MetadataStore,
+) -> None:
+    made = [make_recording(minutes=i % 7) for i in range(23)]  # ties on created_at on purpose
+    for recording in made:
+        await store.insert_recording(WS, recording)
+    seen: list[Recording] = []
+    query = RecordingQuery(limit=5)
+    while True:
+        page = await store.list_recordings(WS, query)
+        seen += page.items
+        if page.next_cursor is None:
+            break
+        query = query.model_copy(update={"cursor": page.next_cursor})
+    assert sorted(r.id for r in seen) == sorted(r.id for r in made)
+    assert len(seen) == len(made)
+    keys = [(r.created_at, r.id) for r in seen]
+    assert keys == sorted(keys, reverse=True)
+
+
+async def test_list_filters(store: MetadataStore) -> None:
+    early = make_recording(minutes=1, tags=["meeting"])
+    middle = make_recording(minutes=5, tags=["pitch", "meeting"], status=RecordingStatus.READY)
+    late = make_recording(minutes=9, tags=["pitch"])
+    for recording in (early, middle, late):
+        await store.insert_recording(WS, recording)
+
+    async def ids(**query: object) -> list[str]:
+        page = await store.list_recordings(WS, RecordingQuery.model_validate(query))
+        return [r.id for r in page.items]
+
+    assert await ids(tag="meeting") == [middle.id, early.id]
+    assert await ids(tag="pitch") == [late.id, middle.id]
+    assert await ids(tag="none") == []
+    assert await ids(status="ready") == [middle.id]
+    assert await ids(created_after=BASE_TIME + timedelta(minutes=2)) == [late.id, middle.id]
+    assert await ids(created_before=BASE_TIME + timedelta(minutes=5)) == [early.id]
+    assert await ids(tag="meeting", status="stored") == [early.id]
+
+
+@pytest.mark.parametrize("cursor", ["garbage", "!!", "eyJ4IjoxfQ", "WyJub3QtYS1kYXRlIiwgImlkIl0"])
+async def test_bad_cursor_is_invalid_request(store: MetadataStore, cursor: str) -> None:
+    with pytest.raises(InvalidRequest):
+        await store.list_recordings(WS, RecordingQuery(cursor=cursor))
+
+
+async def test_update_changes_only_given_fields_and_tags_follow(store: MetadataStore) -> None:
+    recording = make_recording(tags=["old"])
+    await store.insert_recording(WS, recording)
+    updated = await store.update_recording(WS, recording.id, tags=["new", "other"])
+    assert updated.tags == ["new", "other"]
+    assert updated.title == recording.title
+    assert updated.metadata == recording.metadata
+    assert updated.updated_at > recording.updated_at
+    updated = await store.update_recording(WS, recording.id, title="renamed", metadata={"k": [1]})
+    assert (updated.title, updated.metadata, updated.tags) == (
+        "renamed",
+        {"k": [1]},
+        ["new", "other"],
+    )
+    assert (await store.list_recordings(WS, RecordingQuery(tag="old"))).items == []
+    assert len((await store.list_recordings(WS, RecordingQuery(tag="new"))).items) == 1
+    with pytest.raises(NotFound):
+        await store.update_recording(WS, uuid.uuid4().hex, title="x")
+
+
+async def test_tombstoned_recording_is_invisible(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    await store.update_recording(WS, recording.id, status=RecordingStatus.DELETING)
+    with pytest.raises(NotFound):
+        await store.get_recording(WS, recording.id)
+    assert (await store.list_recordings(WS, RecordingQuery())).items == []
+    assert (await store.usage(WS)).recordings == 0
+
+
+async def test_transcript_versions_count_up_and_are_kept(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    with pytest.raises(NotFound):
+        await store.get_transcript(WS, recording.id)
+    first = await store.add_transcript(WS, recording.id, transcript("hello"))
+    second = await store.add_transcript(WS, recording.id, transcript("hello", "again"))
+    assert (first.version, second.version) == (1, 2)
+    current = await store.get_transcript(WS, recording.id)
+    assert current.version == 2
+    assert [s.text for s in current.segments] == ["hello", "again"]
+    assert [s.text for s in (await store.get_transcript(WS, recording.id, 1)).segments] == ["hello"]
+    with pytest.raises(NotFound):
+        await store.get_transcript(WS, recording.id, 3)
+    versions = await store.list_transcript_versions(WS, recording.id)
+    assert [(v.version, v.segment_count, v.language) for v in versions] == [
+        (1, 1, "en"),
+        (2, 2, "en"),
+    ]
+
+
+async def test_concurrent_transcripts_get_distinct_versions(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    versions: list[int] = []
+
+    async def add(i: int) -> None:
+        versions.append((await store.add_transcript(WS, recording.id, transcript(str(i)))).version)
+
+    async with anyio.create_task_group() as group:
+        for i in range(10):
+            group.start_soon(add, i)
+    assert sorted(versions) == list(range(1, 11))
+
+
+async def test_transcript_words_round_trip(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    given = TranscriptInput.model_validate(
+        {
+            "language": "en",
+            "segments": [
+                {
+                    "start": 0.0,
+                    "end": 1.0,
+                    "speaker": "S1",
+                    "text": "héllo wörld 🎙",
+                    "words": [
+                        {"start": 0.0, "end": 0.4, "word": "héllo", "probability": 0.9},
+                        {"start": 0.5, "end": 1.0, "word": "wörld", "probability": 0.8},
+                    ],
+                }
+            ],
+        }
+    )
+    await store.add_transcript(WS, recording.id, given)
+    assert (await store.get_transcript(WS, recording.id)).segments == given.segments
+
+
+async def test_artifacts_upsert_list_delete(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    first = Artifact(
+        name="summary.json",
+        content_type="application/json",
+        size_bytes=10,
+        sha256="a" * 64,
+        created_at=BASE_TIME,
+    )
+    await store.upsert_artifact(WS, recording.id, first)
+    replaced = first.model_copy(
+        update={"size_bytes": 20, "sha256": "b" * 64, "created_at": BASE_TIME + timedelta(hours=1)}
+    )
+    await store.upsert_artifact(WS, recording.id, replaced)
+    got = await store.get_artifact(WS, recording.id, "summary.json")
+    assert (got.size_bytes, got.sha256, got.created_at) == (20, "b" * 64, BASE_TIME)
+    other = first.model_copy(update={"name": "a.srt", "content_type": "text/plain"})
+    await store.upsert_artifact(WS, recording.id, other)
+    assert [a.name for a in await store.list_artifacts(WS, recording.id)] == [
+        "a.srt",
+        "summary.json",
+    ]
+    assert await store.delete_artifact(WS, recording.id, "a.srt") is True
+    assert await store.delete_artifact(WS, recording.id, "a.srt") is False
+    with pytest.raises(NotFound):
+        await store.get_artifact(WS, recording.id, "a.srt")
+    with pytest.raises(NotFound):
+        await store.upsert_artifact(WS, uuid.uuid4().hex, first)
+
+
+async def test_purge_removes_the_recording_and_everything_of_it(store: MetadataStore) -> None:
+    kept, gone = make_recording(tags=["t"]), make_recording(tags=["t"])
+    for recording in (kept, gone):
+        await store.insert_recording(WS, recording)
+        await store.add_transcript(WS, recording.id, transcript("x"))
+        await store.upsert_artifact(
+            WS,
+            recording.id,
+            Artifact(
+                name="n",
+                content_type="text/plain",
+                size_bytes=5,
+                sha256="c" * 64,
+                created_at=BASE_TIME,
+            ),
+        )
+    assert await store.purge_recording(WS, gone.id) is True
+    assert await store.purge_recording(WS, gone.id) is False
+    with pytest.raises(NotFound):
+        await store.get_recording(WS, gone.id)
+    usage = await store.usage(WS)
+    assert (usage.recordings, usage.transcripts, usage.artifacts) == (1, 1, 1)
+    assert usage.recording_bytes == kept.size_bytes
+    assert usage.artifact_bytes == 5
+    assert [r.id for r in (await store.list_recordings(WS, RecordingQuery(tag="t"))).items] == [
+        kept.id
+    ]
+
+
+async def test_migrate_is_idempotent_and_check_passes(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    await store.migrate()
+    await store.check()
+    assert (await store.get_recording(WS, recording.id)).id == recording.id
+    assert store.describe()["backend"]

@@ -1,0 +1,124 @@
+"""Shared fixtures: an isolated data directory, a Vault on it, the API over it, a live server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from voxvault import Settings, Vault
+from voxvault.api import create_app
+
+VOXVAULT_BIN = Path(sys.executable).parent / "voxvault"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No VOXVAULT_* setting of the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("VOXVAULT_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def settings(data_dir: Path) -> Settings:
+    return Settings(data_dir=data_dir)
+
+
+@pytest.fixture
+async def vault(settings: Settings) -> AsyncIterator[Vault]:
+    async with await Vault.open(settings) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def client(vault: Vault) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(vault))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        yield http
+
+
+def stored_files(data_dir: Path) -> list[Path]:
+    """Every file under the blob store, staging included: what a refused request must not leave."""
+    blobs = data_dir / "blobs"
+    return sorted(p for p in blobs.rglob("*") if p.is_file()) if blobs.exists() else []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LiveServer:
+    """``voxvault serve`` in a child process, as a user would run it."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir.parent / f"server-{self.port}.log"
+        command = [
+            str(VOXVAULT_BIN),
+            "--data-dir",
+            str(data_dir),
+            "serve",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        self._wait_until_healthy()
+
+    def _wait_until_healthy(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not start: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def live_server(data_dir: Path) -> Iterator[LiveServer]:
+    server = LiveServer(data_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
