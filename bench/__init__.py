@@ -1,0 +1,1 @@
+"""Benchmarks of VoxVault against baselines run side by side: ``make bench``."""

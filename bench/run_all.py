@@ -1,0 +1,50 @@
+"""Run every benchmark, print a summary, and rewrite ``docs/benchmarks.md`` (``make bench``).
+
+The document is rewritten only when every benchmark produced a result, so a failed run never
+leaves half-measured numbers behind; the exit status is 1 then.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+from bench import range_serving, upload_throughput
+from bench.common import describe_machine, log, raise_on_sigterm
+from bench.report import Table, render_text, write_document
+
+BENCHMARKS: dict[str, Callable[[], Table]] = {
+    "upload_throughput": lambda: upload_throughput.run().table(),
+    "range_serving": lambda: range_serving.run().table(),
+}
+
+
+def main() -> int:
+    raise_on_sigterm()
+    started = time.monotonic()
+    machine = describe_machine()
+    tables: list[Table] = []
+    failed: list[str] = []
+    for name, benchmark in BENCHMARKS.items():
+        log(f"--- {name}")
+        try:
+            tables.append(benchmark())
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+    print()
+    for table in tables:
+        print(render_text(table), end="\n\n")
+    elapsed = time.monotonic() - started
+    if failed:
+        log(f"failed: {', '.join(failed)}; docs/benchmarks.md left as it was ({elapsed:.0f} s)")
+        return 1
+    path = write_document(machine, tables)
+    log(f"wrote {path} ({elapsed:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
