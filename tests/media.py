@@ -49,11 +49,14 @@ def encode_audio(container: str, codec: str, seconds: float = 1.0, rate: int = 4
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=rate)
+        assert isinstance(stream, av.AudioStream)
         _write_tone(out, stream, seconds, rate)
     return buffer.getvalue()
 
 
-def _write_tone(out: av.container.OutputContainer, stream: av.AudioStream, seconds: float, rate: int) -> None:
+def _write_tone(
+    out: av.container.OutputContainer, stream: av.AudioStream, seconds: float, rate: int
+) -> None:
     import numpy as np
 
     frame_size = stream.codec_context.frame_size or 1024
@@ -80,8 +83,10 @@ def encode_video(seconds: float = 1.0, with_audio: bool = True, container: str =
     video_codec, audio_codec = ("libvpx", "libopus") if container == "webm" else ("mpeg4", "aac")
     with av.open(buffer, mode="w", format=container) as out:
         video = out.add_stream(video_codec, rate=10)
+        assert isinstance(video, av.VideoStream)
         video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
         audio = out.add_stream(audio_codec, rate=48000) if with_audio else None
+        assert audio is None or isinstance(audio, av.AudioStream)
         for index in range(int(seconds * 10)):
             image = np.full((48, 64, 3), index * 20 % 255, dtype=np.uint8)
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")

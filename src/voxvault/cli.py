@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -25,6 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from voxvault.errors import VoxVaultError
 from voxvault.exports import ExportFormat
@@ -65,9 +67,9 @@ def _run(ctx: typer.Context, action: Callable[[Vault], Awaitable[T]]) -> T:
     try:
         return anyio.run(go)
     except VoxVaultError as exc:
-        errors.print(f"[red]error:[/red] {exc.message}")
+        errors.print(f"[red]error:[/red] {escape(exc.message)}")
         if exc.detail:
-            errors.print(json.dumps(exc.detail, default=str))
+            errors.print(json.dumps(exc.detail, default=str), markup=False)
         raise typer.Exit(1) from None
 
 
@@ -141,7 +143,8 @@ def ingest(
         return
     for item in stored:
         console.print(
-            f"[green]stored[/green] {item['id']}  {item['filename']}  {item['duration_s']} s"
+            f"[green]stored[/green] {item['id']}  {escape(item['filename'] or '')}  "
+            f"{item['duration_s']} s"
         )
 
 
@@ -173,7 +176,7 @@ def list_recordings(
     for column in ("title", "filename", "status", "duration", "size", "tags", "created"):
         table.add_column(column, overflow="fold")
     for item in found:
-        table.add_row(
+        cells = (
             item["id"],
             item["title"] or "",
             item["filename"] or "",
@@ -183,6 +186,8 @@ def list_recordings(
             ", ".join(item["tags"]),
             item["created_at"][:19],
         )
+        # Plain Text cells: a title like "[/draft]" is shown as written, never read as markup.
+        table.add_row(*(Text(cell) for cell in cells))
     console.print(table)
 
 

@@ -1,4 +1,4 @@
-"""Conformance suite for the MetadataStore port: a new adapter passes by adding one fixture param."""
+"""Conformance suite for the MetadataStore port: a new adapter passes by adding a fixture param."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ RFC 9110 §14.2 allows.
 
 from __future__ import annotations
 
+import re
 from email.utils import format_datetime
 
 from fastapi import Request, Response
@@ -15,6 +16,11 @@ from fastapi.responses import StreamingResponse
 from voxvault.errors import RangeNotSatisfiable
 from voxvault.names import content_disposition
 from voxvault.vault import Download
+
+# One range only, ASCII digits only (str.isdigit would also take '²').
+_BYTE_RANGE = re.compile(
+    r"bytes=\s*(?P<first>[0-9]*)-(?P<last>[0-9]*)\s*", re.ASCII | re.IGNORECASE
+)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -25,12 +31,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     if not header:
         return None
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
+    match = _BYTE_RANGE.fullmatch(header.strip())
+    if match is None:
         return None
-    first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
-        return None
+    first, last = match["first"], match["last"]
     if first == "":
         if last == "":
             return None

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import anyio.to_thread
 import sqlalchemy as sa
 from alembic import command
@@ -102,7 +103,10 @@ class SqlMetadataStore(MetadataStore):
         self.url = url
         async_url, self._sync_url = _driver_urls(url)
         self.dialect = make_url(async_url).get_backend_name()
-        self.engine: AsyncEngine = create_async_engine(async_url, pool_pre_ping=True)
+        # SQLite files cannot drop a connection, so pinging before each use would only cost time.
+        self.engine: AsyncEngine = create_async_engine(
+            async_url, pool_pre_ping=self.dialect != "sqlite"
+        )
         if self.dialect == "sqlite":
             database = make_url(async_url).database
             if database and database != ":memory:":
@@ -171,10 +175,12 @@ class SqlMetadataStore(MetadataStore):
         )
 
     async def _fetch_recording(
-        self, conn: AsyncConnection, workspace: str, recording_id: str
+        self, conn: AsyncConnection, workspace: str, recording_id: str, *, lock: bool = False
     ) -> Recording:
         columns = [c for c in recordings.c if c.name != "workspace_id"]
         query = sa.select(*columns).where(self._visible(workspace), recordings.c.id == recording_id)
+        if lock and self.dialect != "sqlite":
+            query = query.with_for_update()
         row = (await conn.execute(query)).first()
         if row is None:
             raise NotFound(f"no recording {recording_id!r}", detail={"recording_id": recording_id})
@@ -274,26 +280,30 @@ class SqlMetadataStore(MetadataStore):
     ) -> Transcript:
         created_at = datetime.now(UTC)
         segments = [s.model_dump(exclude_none=True) for s in transcript.segments]
-        for _attempt in range(5):
+        # The version is computed inside the INSERT, which SQLite runs under its write lock;
+        # PostgreSQL serialises writers on the recording's row lock instead.
+        next_version = sa.select(
+            sa.literal(recording_id),
+            sa.func.coalesce(sa.func.max(transcripts.c.version), 0) + 1,
+            sa.literal(transcript.language, sa.String),
+            sa.literal(len(segments)),
+            sa.literal(segments, transcripts.c.segments.type),
+            sa.literal(created_at, transcripts.c.created_at.type),
+        ).where(transcripts.c.recording_id == recording_id)
+        columns = ["recording_id", "version", "language", "segment_count", "segments", "created_at"]
+        for attempt in range(10):
             try:
                 async with self.engine.begin() as conn:
-                    await self._fetch_recording(conn, workspace, recording_id)
-                    next_version = sa.select(
-                        sa.func.coalesce(sa.func.max(transcripts.c.version), 0) + 1
-                    ).where(transcripts.c.recording_id == recording_id)
-                    version = (await conn.execute(next_version)).scalar_one()
-                    await conn.execute(
-                        transcripts.insert().values(
-                            recording_id=recording_id,
-                            version=version,
-                            language=transcript.language,
-                            segment_count=len(segments),
-                            segments=segments,
-                            created_at=created_at,
-                        )
+                    await self._fetch_recording(conn, workspace, recording_id, lock=True)
+                    result = await conn.execute(
+                        transcripts.insert()
+                        .from_select(columns, next_version)
+                        .returning(transcripts.c.version)
                     )
+                    version = result.scalar_one()
             except IntegrityError:
-                continue  # another writer took that version number; take the next one
+                await anyio.sleep(0.01 * (attempt + 1))  # lost a race for the number: retry
+                continue
             return Transcript(
                 recording_id=recording_id,
                 version=version,
@@ -315,7 +325,7 @@ class SqlMetadataStore(MetadataStore):
             await self._fetch_recording(conn, workspace, recording_id)
             row = (await conn.execute(stmt)).first()
         if row is None:
-            which = "a transcript" if version is None else f"transcript version {version}"
+            which = "transcript" if version is None else f"transcript version {version}"
             raise NotFound(f"recording {recording_id!r} has no {which}")
         return Transcript(
             recording_id=recording_id,

@@ -37,7 +37,8 @@ async def put_artifact(recording_id: str, name: str, request: Request, vault: Va
     )
 
 
-@router.api_route("/{name:path}", methods=["GET", "HEAD"], response_model=None)
+@router.get("/{name:path}", response_model=None)
+@router.head("/{name:path}", response_model=None, include_in_schema=False)
 async def get_artifact(recording_id: str, name: str, request: Request, vault: VaultDep) -> Response:
     return serve_download(request, await vault.open_artifact(recording_id, name))
 

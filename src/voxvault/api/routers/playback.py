@@ -13,7 +13,8 @@ from voxvault.errors import SignatureInvalid
 router = APIRouter(prefix="/v1/playback", tags=["playback"])
 
 
-@router.api_route("/{recording_id}", methods=["GET", "HEAD"], response_model=None)
+@router.get("/{recording_id}", response_model=None)
+@router.head("/{recording_id}", response_model=None, include_in_schema=False)
 async def play(
     recording_id: str,
     request: Request,

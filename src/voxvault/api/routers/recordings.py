@@ -150,7 +150,8 @@ async def delete_recording(recording_id: str, vault: VaultDep) -> Response:
     return Response(status_code=204)
 
 
-@router.api_route("/{recording_id}/audio", methods=["GET", "HEAD"], response_model=None)
+@router.get("/{recording_id}/audio", response_model=None)
+@router.head("/{recording_id}/audio", response_model=None, include_in_schema=False)
 async def get_audio(recording_id: str, request: Request, vault: VaultDep) -> Response:
     """The original bytes, untouched; supports ``Range`` (206), ``If-None-Match`` and HEAD."""
     return serve_download(request, await vault.open_audio(recording_id))
