@@ -1,0 +1,229 @@
+"""/v1/recordings: upload (raw and multipart, audio and video), list, read, change, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import stored_files
+from tests.media import encode_audio, encode_video, wav_bytes
+
+pytestmark = pytest.mark.anyio
+
+RECORDING_FIELDS = {
+    "id", "status", "title", "filename", "content_type", "size_bytes", "sha256", "duration_s",
+    "sample_rate", "channels", "codec", "tags", "metadata", "created_at", "updated_at",
+}  # fmt: skip
+
+
+async def upload(
+    client: httpx.AsyncClient, data: bytes, content_type: str = "audio/wav", **params: Any
+) -> dict[str, Any]:
+    response = await client.post(
+        "/v1/recordings", content=data, params=params, headers={"Content-Type": content_type}
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_raw_upload_returns_the_record_with_exactly_the_contract_fields(
+    client: httpx.AsyncClient, data_dir: Path
+) -> None:
+    data = wav_bytes(seconds=2.0, rate=16000)
+    body = await upload(client, data, filename="take one.wav", title="Take 1", tag=["a", "b"])
+    assert set(body) == RECORDING_FIELDS
+    assert body["status"] == "stored"
+    assert (body["title"], body["filename"], body["tags"]) == ("Take 1", "take one.wav", ["a", "b"])
+    assert body["size_bytes"] == len(data)
+    assert body["sha256"] == hashlib.sha256(data).hexdigest()
+    assert body["duration_s"] == pytest.approx(2.0, abs=0.01)
+    assert (body["sample_rate"], body["channels"], body["codec"]) == (16000, 1, "pcm_s16le")
+    assert body["content_type"] == "audio/wav"
+    assert body["metadata"] == {}
+    # The bytes live under the server-made id, never under the client's filename.
+    assert stored_files(data_dir) == [data_dir / "blobs/recordings" / body["id"] / "original"]
+    assert (await client.get(f"/v1/recordings/{body['id']}")).json() == body
+
+
+async def test_multipart_upload_with_fields_before_the_file(client: httpx.AsyncClient) -> None:
+    data = wav_bytes()
+    response = await client.post(
+        "/v1/recordings",
+        data={"title": "Board call", "tags": "board, q3", "metadata": json.dumps({"room": 4})},
+        files={"file": ("call.wav", data, "audio/wav")},
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["title"], body["filename"], body["tags"]) == (
+        "Board call",
+        "call.wav",
+        ["board", "q3"],
+    )
+    assert body["metadata"] == {"room": 4}
+    assert (await client.get(f"/v1/recordings/{body['id']}/audio")).content == data
+
+
+@pytest.mark.parametrize(
+    ("container", "codec", "expected_codec", "expected_type"),
+    [
+        ("mp3", "libmp3lame", "mp3", "audio/mpeg"),
+        ("ogg", "libopus", "opus", "audio/ogg"),
+        ("flac", "flac", "flac", "audio/flac"),
+        ("ipod", "aac", "aac", "audio/mp4"),
+    ],
+)
+async def test_compressed_audio_is_probed(
+    client: httpx.AsyncClient, container: str, codec: str, expected_codec: str, expected_type: str
+) -> None:
+    data = encode_audio(container, codec, seconds=1.0, rate=48000)
+    body = await upload(client, data, content_type="application/octet-stream")
+    assert body["codec"] == expected_codec
+    assert body["content_type"] == expected_type  # from the probe, the client gave none
+    assert body["sample_rate"] == 48000
+    assert body["duration_s"] == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("container", "codec"), [("mp4", "aac"), ("mov", "aac"), ("matroska", "aac"), ("webm", "opus")]
+)
+async def test_video_containers_are_accepted_by_their_audio_track(
+    client: httpx.AsyncClient, container: str, codec: str
+) -> None:
+    data = encode_video(seconds=1.0, container=container)
+    body = await upload(client, data, content_type="video/mp4", filename=f"clip.{container}")
+    assert body["codec"] == codec
+    assert body["sample_rate"] == 48000
+    assert body["duration_s"] == pytest.approx(1.0, abs=0.1)
+    assert body["content_type"] == "video/mp4"
+
+
+async def test_video_without_audio_is_refused(client: httpx.AsyncClient, data_dir: Path) -> None:
+    response = await client.post("/v1/recordings", content=encode_video(with_audio=False))
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_media"
+    assert "no audio track" in response.json()["error"]["message"]
+    assert stored_files(data_dir) == []
+
+
+async def test_list_pages_newest_first_with_cursor(client: httpx.AsyncClient) -> None:
+    ids = [(await upload(client, wav_bytes(0.2), title=f"r{i}"))["id"] for i in range(7)]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        page = (await client.get("/v1/recordings", params=params)).json()
+        assert set(page) == {"items", "next_cursor"}
+        assert len(page["items"]) <= 3
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+
+
+async def test_list_filters_by_tag_status_and_time(client: httpx.AsyncClient) -> None:
+    first = await upload(client, wav_bytes(0.2), tag=["alpha"])
+    second = await upload(client, wav_bytes(0.2), tag=["alpha", "beta"])
+
+    async def ids(**params: Any) -> list[str]:
+        response = await client.get("/v1/recordings", params=params)
+        assert response.status_code == 200, response.text
+        return [item["id"] for item in response.json()["items"]]
+
+    assert await ids(tag="alpha") == [second["id"], first["id"]]
+    assert await ids(tag="beta") == [second["id"]]
+    assert await ids(status="stored") == [second["id"], first["id"]]
+    assert await ids(status="ready") == []
+    boundary = first["created_at"]
+    assert await ids(created_after=boundary) == [second["id"]]
+    assert await ids(created_before=second["created_at"]) == [first["id"]]
+    later = (datetime.fromisoformat(second["created_at"]) + timedelta(seconds=1)).isoformat()
+    assert await ids(created_after=later) == []
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"status": "nonsense"}, {"limit": 0}, {"limit": 501}, {"created_after": "yesterday"}],
+)
+async def test_bad_list_parameters_are_422(
+    client: httpx.AsyncClient, params: dict[str, Any]
+) -> None:
+    response = await client.get("/v1/recordings", params=params)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "validation_failed"
+
+
+async def test_bad_cursor_is_400(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/recordings", params={"cursor": "not-a-cursor"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "bad_request"
+
+
+async def test_patch_changes_title_tags_and_metadata(client: httpx.AsyncClient) -> None:
+    created = await upload(client, wav_bytes(0.2), title="old", tag=["x"])
+    url = f"/v1/recordings/{created['id']}"
+    response = await client.patch(url, json={"title": "new", "metadata": {"speakers": 2}})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["title"], body["tags"], body["metadata"]) == ("new", ["x"], {"speakers": 2})
+    assert body["updated_at"] > created["updated_at"]
+    body = (await client.patch(url, json={"tags": ["y", "z", "y"]})).json()
+    assert body["tags"] == ["y", "z"]
+    assert (await client.get(url)).json() == body
+    listed = (await client.get("/v1/recordings", params={"tag": "x"})).json()["items"]
+    assert listed == []
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"size_bytes": 1},
+        {"metadata": [1, 2]},
+        {"metadata": "text"},
+        {"tags": ["has\nnewline"]},
+        {"tags": "not-a-list"},
+        {"title": ""},
+        {"title": "x" * 501},
+        {"metadata": {"big": "x" * 70_000}},
+    ],
+)
+async def test_invalid_patch_is_422_and_changes_nothing(
+    client: httpx.AsyncClient, patch: dict[str, Any]
+) -> None:
+    created = await upload(client, wav_bytes(0.2), title="kept")
+    url = f"/v1/recordings/{created['id']}"
+    response = await client.patch(url, json=patch)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "validation_failed"
+    assert (await client.get(url)).json() == created
+
+
+async def test_delete_removes_every_byte_transcript_and_artifact(
+    client: httpx.AsyncClient, data_dir: Path
+) -> None:
+    kept = await upload(client, wav_bytes(0.2))
+    gone = await upload(client, wav_bytes(0.3))
+    url = f"/v1/recordings/{gone['id']}"
+    segments = [{"start": 0, "end": 0.2, "text": "hi"}]
+    assert (await client.put(f"{url}/transcript", json={"segments": segments})).status_code == 201
+    assert (await client.put(f"{url}/artifacts/summary.json", content=b"{}")).status_code == 200
+
+    response = await client.delete(url)
+    assert response.status_code == 204
+    assert response.content == b""
+    for path in ("", "/audio", "/transcript", "/artifacts", "/artifacts/summary.json"):
+        assert (await client.get(f"{url}{path}")).status_code == 404, path
+    assert (await client.delete(url)).status_code == 404
+    assert stored_files(data_dir) == [data_dir / "blobs/recordings" / kept["id"] / "original"]
+    assert not (data_dir / "blobs/recordings" / gone["id"]).exists()
+    listed = (await client.get("/v1/recordings")).json()["items"]
+    assert [item["id"] for item in listed] == [kept["id"]]
+    usage = (await client.get("/v1/storage-info")).json()["usage"]
+    assert (usage["recordings"], usage["transcripts"], usage["artifacts"]) == (1, 0, 0)
