@@ -180,7 +180,8 @@ def test_content_disposition_is_always_a_safe_header(name: str | None, expected:
     value = content_disposition(name, "fallback")
     assert value == expected
     assert value.isascii()
-    assert "\r" not in value and "\n" not in value
+    assert "\r" not in value
+    assert "\n" not in value
 
 
 # ---- signed playback links ----------------------------------------------------------------------
