@@ -156,6 +156,9 @@ async def test_tombstoned_recording_is_invisible(store: MetadataStore) -> None:
         await store.get_recording(WS, recording.id)
     assert (await store.list_recordings(WS, RecordingQuery())).items == []
     assert (await store.usage(WS)).recordings == 0
+    assert await store.list_tombstones() == [(WS, recording.id)]
+    assert await store.purge_recording(WS, recording.id) is True
+    assert await store.list_tombstones() == []
 
 
 async def test_transcript_versions_count_up_and_are_kept(store: MetadataStore) -> None:

@@ -65,6 +65,10 @@ class MetadataStore(ABC):
         """Change the given fields (``None`` leaves one as it is) and bump ``updated_at``."""
 
     @abstractmethod
+    async def list_tombstones(self, limit: int = 1000) -> list[tuple[str, str]]:
+        """(workspace, recording id) of recordings whose deletion was begun but not finished."""
+
+    @abstractmethod
     async def purge_recording(self, workspace: str, recording_id: str) -> bool:
         """Remove the row and every transcript and artifact row of it; False when absent."""
 

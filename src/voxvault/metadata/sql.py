@@ -261,6 +261,15 @@ class SqlMetadataStore(MetadataStore):
         row = (await conn.execute(sa.select(*columns).where(recordings.c.id == recording_id))).one()
         return _recording(row)
 
+    async def list_tombstones(self, limit: int = 1000) -> list[tuple[str, str]]:
+        query = (
+            sa.select(recordings.c.workspace_id, recordings.c.id)
+            .where(recordings.c.status == RecordingStatus.DELETING.value)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [(row.workspace_id, row.id) for row in await conn.execute(query)]
+
     async def purge_recording(self, workspace: str, recording_id: str) -> bool:
         async with self.engine.begin() as conn:
             owned = sa.and_(recordings.c.workspace_id == workspace, recordings.c.id == recording_id)
