@@ -19,6 +19,7 @@ MAX_WORDS_PER_SEGMENT = 2_000
 MAX_TITLE = 500
 MAX_TAGS = 64
 MAX_METADATA_BYTES = 64 * 1024
+MAX_METADATA_DEPTH = 32
 TAG_PATTERN = r"^[\w][\w .:/+-]{0,63}$"
 
 
@@ -59,8 +60,22 @@ def _unique_tags(tags: list[str]) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
 def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
-    if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+    if _depth(value) > MAX_METADATA_DEPTH:
+        raise ValueError(f"metadata may nest at most {MAX_METADATA_DEPTH} levels deep")
+    try:
+        encoded = json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+    except ValueError:
+        raise ValueError("metadata numbers must be finite (no NaN or Infinity)") from None
+    if len(encoded) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata must serialize to at most {MAX_METADATA_BYTES} bytes")
     return value
 

@@ -30,7 +30,8 @@ class PlaybackSigner:
         now: float | None = None,
     ) -> None:
         expected = self._signature(workspace, recording_id, expires)
-        if not hmac.compare_digest(expected, signature):
+        given = signature.encode("utf-8", "surrogatepass")
+        if not hmac.compare_digest(expected.encode(), given):
             raise SignatureInvalid("the playback link is not valid")
         if expires <= (time.time() if now is None else now):
             raise SignatureInvalid("the playback link has expired")

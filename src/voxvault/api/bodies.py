@@ -25,7 +25,7 @@ def declared_length(request: Request) -> int | None:
     value = request.headers.get("content-length")
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit()):
+    if not (value.isascii() and value.isdigit() and len(value) <= 19):
         raise InvalidRequest("Content-Length is not a number")
     return int(value)
 

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -94,10 +95,25 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "validation_failed", "some fields are invalid", problems)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    # FastAPI reports any failure while reading a JSON body as a bare 400; say what it was.
+    cause = exc.__cause__
+    if isinstance(cause, errors.VoxVaultError):
+        return await _vox_error(request, cause)
+    if isinstance(cause, UnicodeDecodeError):
+        return error_response(400, "malformed_json", "the request body is not valid UTF-8 JSON")
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail), None, exc.headers)
+
+
+async def _pydantic_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ValidationError)
+    problems = [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+    return error_response(422, "validation_failed", "some fields are invalid", problems)
 
 
 async def _client_gone(_: Request, __: Exception) -> JSONResponse:
@@ -114,5 +130,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.VoxVaultError, _vox_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ValidationError, _pydantic_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

@@ -24,7 +24,7 @@ class JsonBodyLimit:
             await self.app(scope, receive, send)
             return
         length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
+        if length.isdigit() and (len(length) > 19 or int(length) > self.max_bytes):
             response = error_response(
                 413, PayloadTooLarge.code, f"JSON bodies are limited to {self.max_bytes} bytes"
             )

@@ -17,6 +17,10 @@ from voxvault.errors import RangeNotSatisfiable
 from voxvault.names import content_disposition
 from voxvault.vault import Download
 
+# Positions longer than this are past the end of any blob; int() is not asked to parse
+# thousands of digits.
+_MAX_DIGITS = 19
+_BEYOND_ANY_SIZE = "9" * _MAX_DIGITS
 # One range only, ASCII digits only (str.isdigit would also take '²').
 _BYTE_RANGE = re.compile(
     r"bytes=\s*(?P<first>[0-9]*)-(?P<last>[0-9]*)\s*", re.ASCII | re.IGNORECASE
@@ -35,6 +39,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if match is None:
         return None
     first, last = match["first"], match["last"]
+    if first and len(first) > _MAX_DIGITS:
+        first = _BEYOND_ANY_SIZE
+    if last and len(last) > _MAX_DIGITS:
+        last = _BEYOND_ANY_SIZE
     if first == "":
         if last == "":
             return None

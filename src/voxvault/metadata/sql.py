@@ -81,13 +81,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         when = datetime.fromisoformat(created)
         if not isinstance(recording_id, str) or when.tzinfo is None:
             raise ValueError
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        when = when.astimezone(UTC)
+    except (ValueError, TypeError, OverflowError, RecursionError, binascii.Error):
         raise InvalidRequest("the cursor is not one this server issued") from None
     return when, recording_id
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise InvalidRequest(f"{value.isoformat()} is outside the representable range") from None
 
 
 def _recording(row: sa.Row[Any]) -> Recording:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from fastapi import APIRouter, Request, Response
@@ -11,6 +12,7 @@ from voxvault.api.ranges import serve_download
 from voxvault.errors import SignatureInvalid
 
 router = APIRouter(prefix="/v1/playback", tags=["playback"])
+_EXPIRES = re.compile(r"[0-9]{1,12}")
 
 
 @router.get("/{recording_id}", response_model=None)
@@ -23,7 +25,7 @@ async def play(
     expires: str | None = None,
     signature: str | None = None,
 ) -> Response:
-    if not (ws and expires and expires.isdigit() and signature):
+    if not (ws and signature and expires and _EXPIRES.fullmatch(expires)):
         raise SignatureInvalid("the playback link is incomplete")
     scoped = vault.for_workspace(ws)
     download = await scoped.open_signed_audio(recording_id, int(expires), signature)

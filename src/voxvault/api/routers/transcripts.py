@@ -13,7 +13,9 @@ from voxvault.names import content_disposition
 
 router = APIRouter(prefix="/v1/recordings/{recording_id}", tags=["transcripts"])
 
-Version = Annotated[int | None, Query(ge=1, description="a version; the newest when omitted")]
+Version = Annotated[
+    int | None, Query(ge=1, le=2**31 - 1, description="a version; the newest when omitted")
+]
 
 
 @router.put("/transcript", status_code=201)
