@@ -1,0 +1,56 @@
+"""SQLite specifics of the embedded metadata store: durability settings and migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from voxvault import Settings, Vault
+from voxvault.metadata.sql import SqlMetadataStore
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_every_connection_is_wal_with_full_sync_and_foreign_keys(tmp_path: Path) -> None:
+    store = SqlMetadataStore(f"sqlite:///{tmp_path / 'v.db'}")
+    try:
+        await store.migrate()
+        async with store.engine.connect() as conn:
+            pragmas = {
+                name: (await conn.execute(sa.text(f"PRAGMA {name}"))).scalar_one()
+                for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            }
+    finally:
+        await store.close()
+    # synchronous: 2 is FULL (0 OFF, 1 NORMAL, 3 EXTRA).
+    assert pragmas == {
+        "journal_mode": "wal",
+        "synchronous": 2,
+        "foreign_keys": 1,
+        "busy_timeout": 30000,
+    }
+
+
+async def test_open_migrates_to_head_and_creates_the_default_workspace(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    async with await Vault.open(settings):
+        pass
+    with sqlite3.connect(tmp_path / "data" / "voxvault.db") as db:
+        version = db.execute("SELECT version_num FROM alembic_version").fetchall()
+        workspaces = db.execute("SELECT id FROM workspaces").fetchall()
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert version == [("0001",)]
+    assert workspaces == [("default",)]
+    assert {"recordings", "recording_tags", "transcripts", "artifacts"} <= tables
+
+
+async def test_open_without_migrate_does_not_touch_the_schema(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    async with await Vault.open(settings, migrate=False):
+        pass
+    with sqlite3.connect(tmp_path / "data" / "voxvault.db") as db:
+        tables = db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+    assert tables == []
