@@ -272,8 +272,21 @@ class Vault:
             self.workspace, recording_id, status=RecordingStatus.DELETING
         )
         with anyio.CancelScope(shield=True):
-            await self.blobs.delete_prefix(blob_keys.recording_prefix(recording_id))
-            await self.metadata.purge_recording(self.workspace, recording_id)
+            await self._erase(self.workspace, recording_id)
+
+    async def _erase(self, workspace: str, recording_id: str) -> None:
+        """Remove a tombstoned recording's bytes, then its rows."""
+        await self.blobs.delete_prefix(blob_keys.recording_prefix(recording_id))
+        await self.metadata.purge_recording(workspace, recording_id)
+
+    async def finish_interrupted_deletes(self) -> int:
+        """Complete the deletions a crash cut short (in every workspace); returns how many."""
+        finished = 0
+        while batch := await self.metadata.list_tombstones():
+            for workspace, recording_id in batch:
+                await self._erase(workspace, recording_id)
+                finished += 1
+        return finished
 
     # ---- audio --------------------------------------------------------------------------------
 

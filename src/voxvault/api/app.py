@@ -25,6 +25,7 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
             yield
             return
         async with await Vault.open(settings) as opened:
+            await opened.finish_interrupted_deletes()
             app.state.vault = opened
             yield
 
