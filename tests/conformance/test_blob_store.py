@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 
 import anyio
 import pytest
 
-from voxvault.blobs import BlobStore
+from voxvault.blobs import BlobSink, BlobStore
+from voxvault.blobs.base import PUT_QUEUE_BYTES
 from voxvault.blobs.local import LocalBlobStore
 from voxvault.errors import EmptyUpload, InvalidRequest, NotFound, PayloadTooLarge
 
@@ -165,6 +169,147 @@ async def test_concurrent_puts_to_one_key_leave_one_complete_blob(store: BlobSto
 async def test_check_passes_and_describe_names_the_backend(store: BlobStore) -> None:
     await store.check()
     assert store.describe()["backend"]
+
+
+class WrappedSink(BlobSink):
+    """The adapter's own sink, with a hook that runs (on the put's thread) before each write."""
+
+    def __init__(self, inner: BlobSink, before_write: Callable[[bytes], object]) -> None:
+        self.inner = inner
+        self.before_write = before_write
+
+    def write(self, data: bytes) -> None:
+        self.before_write(data)
+        self.inner.write(data)
+
+    def commit(self) -> None:
+        self.inner.commit()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+
+def wrap_sinks(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch, before_write: Callable[[bytes], object]
+) -> None:
+    open_sink = store._open_sink
+    monkeypatch.setattr(store, "_open_sink", lambda key: WrappedSink(open_sink(key), before_write))
+
+
+class CountingSource:
+    """``total`` bytes in ``chunk``-sized pieces; records how far the store reads ahead of its sink.
+
+    ``written`` is counted by the test's sink hook. At every pull, ``pulled - written`` is what
+    the store holds in memory between the two (give or take the chunk being written).
+    """
+
+    def __init__(self, total: int, chunk: int = 64 * 1024) -> None:
+        self.data = os.urandom(chunk) * (total // chunk)
+        self.chunk = chunk
+        self.pulled = 0
+        self.written = 0
+        self.most_ahead = 0
+        self.queue_filled = anyio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self.data), self.chunk):
+            self.most_ahead = max(self.most_ahead, self.pulled - self.written)
+            self.pulled += self.chunk
+            if self.pulled >= PUT_QUEUE_BYTES:
+                self.queue_filled.set()
+            yield self.data[start : start + self.chunk]
+
+
+async def test_a_stalled_sink_holds_the_stream_back_instead_of_buffering_it(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    source = CountingSource(4 * PUT_QUEUE_BYTES)
+
+    def stall_then_count(data: bytes) -> None:
+        gate.wait(30)
+        source.written += len(data)
+
+    wrap_sinks(store, monkeypatch, stall_then_count)
+    async with anyio.create_task_group() as group:
+        group.start_soon(store.put_stream, "k/slow", source)
+        # The store cannot wait for room before it holds PUT_QUEUE_BYTES, so this is reached.
+        await source.queue_filled.wait()
+        await anyio.wait_all_tasks_blocked()
+        held_back_at = source.pulled
+        gate.set()
+    # The queue, the chunk that tipped it over and the one in the stalled write.
+    assert held_back_at <= PUT_QUEUE_BYTES + 2 * source.chunk
+    assert source.most_ahead <= PUT_QUEUE_BYTES + 2 * source.chunk
+    assert await store.read_all("k/slow") == source.data
+    await assert_no_staging_left(store)
+
+
+async def test_a_failing_sink_stops_the_put_early_and_leaves_nothing(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.put_bytes("k/v", b"old")
+
+    def disk_full(_: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    wrap_sinks(store, monkeypatch, disk_full)
+    source = CountingSource(4 * PUT_QUEUE_BYTES)
+    with pytest.raises(OSError, match="No space left") as raised:
+        await store.put_stream("k/v", source)
+    assert raised.value.errno == errno.ENOSPC
+    assert source.pulled <= PUT_QUEUE_BYTES + 2 * source.chunk
+    assert await store.read_all("k/v") == b"old"
+    await assert_no_staging_left(store)
+
+
+async def test_cancelled_put_held_back_by_a_stalled_sink_leaves_nothing(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    wrap_sinks(store, monkeypatch, lambda _: gate.wait(30))
+    source = CountingSource(4 * PUT_QUEUE_BYTES)
+    async with anyio.create_task_group() as group:
+        group.start_soon(store.put_stream, "k/cancelled", source)
+        await source.queue_filled.wait()
+        await anyio.wait_all_tasks_blocked()
+        group.cancel_scope.cancel()
+        gate.set()  # the write in progress finishes; then the put is aborted
+    assert await all_keys(store) == []
+    await assert_no_staging_left(store)
+
+
+async def test_a_reused_buffer_is_stored_as_it_was_when_yielded(store: BlobStore) -> None:
+    async def reusing() -> AsyncIterator[bytearray]:
+        buffer = bytearray(4096)
+        for i in range(64):
+            buffer[:] = bytes([i]) * 4096
+            yield buffer
+
+    expected = b"".join(bytes([i]) * 4096 for i in range(64))
+    stored = await store.put_stream("k/reused", cast(AsyncIterator[bytes], reusing()))
+    assert stored.sha256 == hashlib.sha256(expected).hexdigest()
+    assert await store.read_all("k/reused") == expected
+
+
+async def test_ranges_on_chunk_boundaries(store: BlobStore) -> None:
+    data = os.urandom(3 * 4096)
+    await store.put_bytes("a/b", data)
+    for start, length in [(0, 4096), (0, 8192), (4096, 8192), (0, 3 * 4096), (100, 3 * 4096)]:
+        streamed = [c async for c in store.stream_range("a/b", start, length, chunk_size=4096)]
+        assert all(streamed), "no empty chunks"
+        assert b"".join(streamed) == data[start : start + length]
+    assert [c async for c in store.stream_range("a/b", 0, 0)] == []
+
+
+async def test_a_key_that_is_only_a_prefix_is_not_found(store: BlobStore) -> None:
+    await store.put_bytes("a/b/c", b"data")
+    with pytest.raises(NotFound):
+        await store.stat("a/b")
+    with pytest.raises(NotFound):
+        await store.read_range("a/b", 0, 10)
+    with pytest.raises(NotFound):
+        await store.read_range("a/b", 0, 0)
 
 
 async def assert_no_staging_left(store: BlobStore) -> None:

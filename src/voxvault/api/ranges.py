@@ -8,10 +8,12 @@ RFC 9110 §14.2 allows.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator, Mapping
 from email.utils import format_datetime
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from voxvault.errors import RangeNotSatisfiable
 from voxvault.names import content_disposition
@@ -85,9 +87,55 @@ def serve_download(
     headers["Content-Length"] = str(length)
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type=download.content_type)
-    return StreamingResponse(
+    return _BlobResponse(
         download.stream(start, length),
+        length,
         status_code=status,
         headers=headers,
         media_type=download.content_type,
     )
+
+
+class _BlobResponse(StreamingResponse):
+    """Reads the first chunk before the status line is sent.
+
+    A blob that went missing after ``open_audio`` found it is then a clean 404 (the app's error
+    handlers still apply) rather than a 200 cut short, and a body that fits in one chunk, as
+    most players' ranges do, goes out in one message without the task StreamingResponse starts
+    per request to watch for a disconnect.
+    """
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        length: int,
+        *,
+        status_code: int,
+        headers: Mapping[str, str],
+        media_type: str,
+    ) -> None:
+        super().__init__(chunks, status_code=status_code, headers=headers, media_type=media_type)
+        self._chunks = chunks
+        self._length = length
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        first = await anext(self._chunks, b"")
+        if len(first) >= self._length:
+            await anext(self._chunks, b"")  # lets the stream finish and release what it holds
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            await send({"type": "http.response.body", "body": first})
+            return
+        self.body_iterator = _prepend(first, self._chunks)
+        await super().__call__(scope, receive, send)
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk

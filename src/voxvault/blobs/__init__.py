@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib
 from urllib.parse import urlsplit
 
-from voxvault.blobs.base import BlobInfo, BlobStore, BlobWriter, StoredBlob
+from voxvault.blobs.base import BlobInfo, BlobSink, BlobStore, StoredBlob
 from voxvault.errors import ConfigurationError
 
-__all__ = ["BlobInfo", "BlobStore", "BlobWriter", "StoredBlob", "open_blob_store"]
+__all__ = ["BlobInfo", "BlobSink", "BlobStore", "StoredBlob", "open_blob_store"]
 
 # scheme -> (module, factory, extra that provides its dependencies)
 _ADAPTERS: dict[str, tuple[str, str, str | None]] = {

@@ -8,18 +8,26 @@ when a put fails or is cancelled. Adapters implement the small primitives below 
 from __future__ import annotations
 
 import hashlib
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
 
 import anyio
+import anyio.to_thread
 
 from voxvault.blobs.keys import validate_key
 from voxvault.errors import EmptyUpload, PayloadTooLarge
 
 READ_CHUNK_BYTES = 1024 * 1024
+
+# Received bytes that may wait for each of a put's threads. Past this the event loop stops
+# reading the body until the thread has caught up by half, so a slow disk throttles the client
+# through TCP instead of filling memory; below it, the loop never waits for hashing or the disk.
+PUT_QUEUE_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,19 +44,127 @@ class BlobInfo:
     modified_at: datetime
 
 
-class BlobWriter(ABC):
-    """One put in progress: bytes go to a staging place and become visible only on commit."""
+class BlobSink(ABC):
+    """One put in progress: bytes go to a staging place and become visible only on commit.
+
+    The base class calls its methods from worker threads, never from the event loop, and one
+    at a time: writes in order from the put's writing thread, then commit or abort once no
+    write can still be running. So implementations block freely and need no locking.
+    """
 
     @abstractmethod
-    async def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None: ...
 
     @abstractmethod
-    async def commit(self) -> None:
+    def commit(self) -> None:
         """Make the bytes durable and visible under the key, atomically."""
 
     @abstractmethod
-    async def abort(self) -> None:
-        """Discard everything written; must be safe to call after a failed write."""
+    def abort(self) -> None:
+        """Discard everything written; must be safe to call after a failed write or commit."""
+
+
+class _Lane:
+    """One thread that passes a put's chunks, in order, to ``consume`` while the loop receives.
+
+    A put runs two lanes, one hashing and one writing to the sink: hashlib and file writes
+    release the GIL, so both overlap each other and the event loop reading the socket. The
+    loop never waits for a lane until ``PUT_QUEUE_BYTES`` are queued in it; then it waits until
+    half of them are consumed.
+    """
+
+    def __init__(self, consume: Callable[[bytes], object], name: str) -> None:
+        self._consume = consume
+        self._cond = threading.Condition()
+        self._chunks: deque[bytes] = deque()
+        self._queued = 0
+        self._closed = False
+        self._abandoned = False
+        self._finished = False
+        self._error: BaseException | None = None
+        # Waits run in helper threads under a limiter of their own, so that uploads held back
+        # by a slow disk cannot use up the tokens of anyio's default thread limiter.
+        self._limiter = anyio.CapacityLimiter(1)
+        threading.Thread(target=self._run, name=f"voxvault-{name}", daemon=True).start()
+
+    # ---- event-loop side ----------------------------------------------------------------------
+
+    def push(self, chunk: bytes) -> bool:
+        """Queue a chunk without blocking; True when the loop should ``wait_for_room`` now."""
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            self._chunks.append(chunk)
+            self._queued += len(chunk)
+            self._cond.notify_all()
+            return self._queued >= PUT_QUEUE_BYTES
+
+    async def wait_for_room(self) -> None:
+        # Leaving the helper behind on cancellation is safe: ``abandon`` wakes it up.
+        await anyio.to_thread.run_sync(
+            self._wait, self._has_room, abandon_on_cancel=True, limiter=self._limiter
+        )
+        self._raise_error()
+
+    async def drain(self) -> None:
+        """Wait until every queued chunk is consumed; raises what ``consume`` raised."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        await anyio.to_thread.run_sync(self._wait, self._is_finished, limiter=self._limiter)
+        self._raise_error()
+
+    async def abandon(self) -> None:
+        """Drop the queued chunks and wait until ``consume`` is no longer running."""
+        with self._cond:
+            self._abandoned = True
+            self._chunks.clear()
+            self._queued = 0
+            self._cond.notify_all()
+        await anyio.to_thread.run_sync(self._wait, self._is_finished, limiter=self._limiter)
+
+    def _raise_error(self) -> None:
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+
+    def _has_room(self) -> bool:
+        return self._queued <= PUT_QUEUE_BYTES // 2 or self._finished or self._abandoned
+
+    def _is_finished(self) -> bool:
+        return self._finished
+
+    def _wait(self, predicate: Callable[[], bool]) -> None:
+        with self._cond:
+            self._cond.wait_for(predicate)
+
+    # ---- lane thread --------------------------------------------------------------------------
+
+    def _next_chunk(self) -> bytes | None:
+        """The next chunk, or None when the loop has closed or abandoned the lane."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._chunks or self._closed or self._abandoned)
+            if self._abandoned or not self._chunks:
+                return None
+            chunk = self._chunks.popleft()
+            self._queued -= len(chunk)
+            if self._queued <= PUT_QUEUE_BYTES // 2:
+                self._cond.notify_all()
+            return chunk
+
+    def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            while (chunk := self._next_chunk()) is not None:
+                self._consume(chunk)
+        except BaseException as exc:
+            error = exc
+        with self._cond:
+            self._error = error
+            self._finished = True
+            self._chunks.clear()
+            self._queued = 0
+            self._cond.notify_all()
 
 
 class BlobStore(ABC):
@@ -70,29 +186,41 @@ class BlobStore(ABC):
         for an empty stream unless ``allow_empty``; in every failure, nothing is left behind.
         """
         validate_key(key)
-        writer = await self._open_writer(key)
+        sink = await anyio.to_thread.run_sync(self._open_sink, key)
         digest = hashlib.sha256()
+        lanes: list[_Lane] = []
         size = 0
         try:
+            lanes += [_Lane(digest.update, "hash"), _Lane(sink.write, "write")]
             async for chunk in chunks:
                 if not chunk:
                     continue
+                if not isinstance(chunk, bytes):
+                    # The lanes read the chunk later; a reused buffer could change under them.
+                    chunk = bytes(chunk)
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
                     raise PayloadTooLarge(
                         f"the upload exceeds the limit of {max_bytes} bytes",
                         detail={"max_bytes": max_bytes},
                     )
-                digest.update(chunk)
-                await writer.write(chunk)
+                full = [lane for lane in lanes if lane.push(chunk)]
+                for lane in full:
+                    await lane.wait_for_room()
             if size == 0 and not allow_empty:
                 raise EmptyUpload("the upload is empty")
-            await writer.commit()
+            for lane in lanes:
+                await lane.drain()
+            await anyio.to_thread.run_sync(sink.commit)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await writer.abort()
+                # The sink is aborted only once no lane can be writing to it any more.
+                for lane in lanes:
+                    await lane.abandon()
+                await anyio.to_thread.run_sync(sink.abort)
             raise
-        return StoredBlob(key=key, size=size, sha256=digest.hexdigest())
+        sha256 = digest.hexdigest()
+        return StoredBlob(key=key, size=size, sha256=sha256)
 
     async def put_bytes(self, key: str, data: bytes, *, allow_empty: bool = True) -> StoredBlob:
         async def once() -> AsyncIterator[bytes]:
@@ -120,7 +248,8 @@ class BlobStore(ABC):
     # ---- adapter primitives -----------------------------------------------------------------
 
     @abstractmethod
-    async def _open_writer(self, key: str) -> BlobWriter: ...
+    def _open_sink(self, key: str) -> BlobSink:
+        """Start a put to ``key``; called in a worker thread, so it may block."""
 
     @abstractmethod
     def stream_range(
