@@ -92,8 +92,9 @@ def serve(
     settings: Settings = ctx.obj
     console.print(f"VoxVault on http://{host}:{port}  (data: {settings.data_dir})")
     # uvicorn's "auto" picks uvloop and httptools when uvicorn[standard] is installed but falls
-    # back to asyncio and h11 without a word when it is not; with h11 an upload body is received
-    # at half the rate (about 0.7 vs 1.5 GB/s on the benchmark machine), so ask for them.
+    # back to asyncio and h11 without a word when it is not. h11 receives an upload body about a
+    # third slower (docs/benchmarks.md, receive-only ceiling), and both fallbacks cost the event
+    # loop more CPU per byte, which uploads share with hashing; so ask for the fast pair.
     uvicorn.run(
         create_app(settings=settings),
         host=host,
