@@ -397,13 +397,14 @@ class Vault:
             sha256=stored.sha256,
             created_at=datetime.now(UTC),
         )
-        try:
-            await self.metadata.upsert_artifact(self.workspace, recording.id, artifact)
-        except NotFound:
-            # The recording was deleted while the bytes were arriving: they belong to no one.
-            with anyio.CancelScope(shield=True):
+        # Shielded: once the bytes are in place, a cancelled request must still record them.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.metadata.upsert_artifact(self.workspace, recording.id, artifact)
+            except NotFound:
+                # The recording was deleted while the bytes were arriving: they belong to no one.
                 await self.blobs.delete(key)
-            raise
+                raise
         return await self.metadata.get_artifact(self.workspace, recording.id, name)
 
     async def list_artifacts(self, recording_id: str) -> list[Artifact]:

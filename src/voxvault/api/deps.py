@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from voxvault.vault import Vault
 
 
-def get_vault(request: Request) -> Vault:
+async def get_vault(request: Request) -> Vault:
+    # async: a plain def would cost a worker-thread hop on every request.
     vault: Vault = request.app.state.vault
     return vault
 
