@@ -292,15 +292,26 @@ class Vault:
 
     async def open_audio(self, recording_id: str) -> Download:
         recording = await self.get_recording(recording_id)
-        key = blob_keys.recording_original(recording.id)
+        return await self._download(
+            blob_keys.recording_original(recording.id),
+            sha256=recording.sha256,
+            content_type=recording.content_type,
+            filename=recording.filename or recording.id,
+            modified_at=recording.created_at,
+        )
+
+    async def _download(
+        self, key: str, *, sha256: str, content_type: str, filename: str, modified_at: datetime
+    ) -> Download:
+        # The stat makes a blob missing behind its row a clean NotFound before any header is sent.
         info = await self.blobs.stat(key)
         return Download(
             key=key,
             size=info.size,
-            sha256=recording.sha256,
-            content_type=recording.content_type,
-            filename=recording.filename or f"{recording.id}",
-            modified_at=recording.created_at,
+            sha256=sha256,
+            content_type=content_type,
+            filename=filename,
+            modified_at=modified_at,
             _blobs=self.blobs,
         )
 
@@ -415,16 +426,12 @@ class Vault:
         artifact = await self.metadata.get_artifact(
             self.workspace, check_recording_id(recording_id), name
         )
-        key = blob_keys.recording_artifact(recording_id, name)
-        info = await self.blobs.stat(key)
-        return Download(
-            key=key,
-            size=info.size,
+        return await self._download(
+            blob_keys.recording_artifact(recording_id, name),
             sha256=artifact.sha256,
             content_type=artifact.content_type,
             filename=name,
             modified_at=artifact.created_at,
-            _blobs=self.blobs,
         )
 
     async def delete_artifact(self, recording_id: str, name: str) -> None:
