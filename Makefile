@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 DATA   ?= ./voxvault-data
 
-.PHONY: install dev run test lint typecheck pytest bench clean
+.PHONY: install dev test-system-deps run test lint typecheck pytest bench clean
 
 # `make install` is idempotent: the stamp is rebuilt only when pyproject.toml changes.
 install: $(VENV)/.install.stamp
@@ -31,7 +31,11 @@ lint: dev
 typecheck: dev
 	$(BIN)/mypy
 
-pytest: dev
+# Tests speak their own test audio with espeak-ng and shape it with sox.
+test-system-deps:
+	scripts/ensure-system-packages.sh espeak-ng sox
+
+pytest: dev test-system-deps
 	$(BIN)/pytest
 
 test: lint typecheck pytest

@@ -5,11 +5,16 @@ from __future__ import annotations
 import array
 import io
 import math
+import os
+import shutil
 import struct
+import subprocess
 import wave
 from fractions import Fraction
+from pathlib import Path
 
 import av
+import pytest
 
 
 def sine_samples(seconds: float, rate: int, channels: int = 1, freq: float = 440.0) -> bytes:
@@ -99,3 +104,26 @@ def encode_video(seconds: float = 1.0, with_audio: bool = True, container: str =
         if audio is not None:
             _write_tone(out, audio, seconds, 48000)
     return buffer.getvalue()
+
+
+def speak(text: str, path: Path, *, rate: int = 16000, words_per_minute: int = 150) -> Path:
+    """Real (synthetic) speech: espeak-ng says ``text``, sox makes it ``rate`` Hz mono WAV."""
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            message = f"{tool} is needed to make test speech (make test installs it)"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    raw = path.with_suffix(".espeak.wav")
+    subprocess.run(
+        ["espeak-ng", "-v", "en-us", "-s", str(words_per_minute), "-w", str(raw), text],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    raw.unlink()
+    return path

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     playback_url_ttl: Annotated[int, Field(gt=0, le=MAX_PLAYBACK_URL_TTL)] = 3600
     public_url: str | None = None
     """Base URL clients reach this server at (behind a proxy); signed links are built on it."""
+    whisper_model: str = "tiny.en"
+    """A model name (``tiny.en`` is bundled; others download when online) or a local directory."""
+    whisper_device: Literal["auto", "cpu", "cuda"] = "auto"
+    whisper_compute_type: str = "auto"
+    whisper_beam_size: Annotated[int, Field(ge=1, le=20)] = 5
 
     @model_validator(mode="after")
     def _fill_backend_urls(self) -> Settings:

@@ -1,0 +1,18 @@
+"""Speech-to-text engines behind the Transcriber port."""
+
+from voxvault.settings import Settings
+from voxvault.transcription.base import ProgressCallback, Transcriber, TranscriptionResult
+
+__all__ = ["ProgressCallback", "Transcriber", "TranscriptionResult", "open_transcriber"]
+
+
+def open_transcriber(settings: Settings) -> Transcriber:
+    """The transcriber the settings name; the model itself loads on first use."""
+    from voxvault.transcription.whisper import FasterWhisperTranscriber
+
+    return FasterWhisperTranscriber(
+        settings.whisper_model,
+        device=settings.whisper_device,
+        compute_type=settings.whisper_compute_type,
+        beam_size=settings.whisper_beam_size,
+    )
