@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from voxvault.errors import BackendUnavailable, ConfigurationError, InvalidRequest, NotFound
 from voxvault.metadata.base import MetadataStore
-from voxvault.metadata.tables import artifacts, recording_tags, recordings, transcripts
+from voxvault.metadata.tables import artifacts, jobs, recording_tags, recordings, transcripts
 from voxvault.models import (
     Artifact,
     Recording,
@@ -281,7 +281,7 @@ class SqlMetadataStore(MetadataStore):
             if exists is None:
                 return False
             # Children are removed explicitly too, so that no engine setting can leave any behind.
-            for child in (transcripts, artifacts, recording_tags):
+            for child in (jobs, transcripts, artifacts, recording_tags):
                 await conn.execute(child.delete().where(child.c.recording_id == recording_id))
             await conn.execute(recordings.delete().where(owned))
         return True

@@ -124,3 +124,31 @@ artifacts = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
 )
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("workspace_id", String(64), ForeignKey("workspaces.id"), nullable=False),
+    Column(
+        "recording_id",
+        String(64),
+        ForeignKey("recordings.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("kind", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("progress", Float, nullable=False),
+    Column("error", String(4000)),
+    Column("payload", JSON, nullable=False),
+    Column("run_after", UTCDateTime(), nullable=False),
+    Column("lease_owner", String(128)),
+    Column("lease_expires_at", UTCDateTime()),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("started_at", UTCDateTime()),
+    Column("finished_at", UTCDateTime()),
+    Index("ix_jobs_status_run_after", "status", "run_after"),
+    Index("ix_jobs_recording", "recording_id"),
+)

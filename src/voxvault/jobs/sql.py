@@ -1,0 +1,195 @@
+"""JobQueue on the metadata database: the embedded default (SQLite) and PostgreSQL alike.
+
+A claim is one UPDATE ... WHERE id = (oldest runnable) RETURNING: atomic under SQLite's write
+lock, and with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL so that workers never wait on each other.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from voxvault.errors import NotFound
+from voxvault.jobs.base import Job, JobQueue, JobStatus
+from voxvault.metadata.tables import jobs
+
+LOST_WORKER_ERROR = "the worker running this job stopped responding"
+_COLUMNS = [c for c in jobs.c if c.name not in ("workspace_id", "run_after", "lease_owner")]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _job(row: sa.Row[Any]) -> Job:
+    return Job.model_validate(dict(row._mapping))
+
+
+class SqlJobQueue(JobQueue):
+    def __init__(self, engine: AsyncEngine, *, clock: Callable[[], datetime] = _utcnow) -> None:
+        self.engine = engine
+        self._skip_locked = engine.dialect.name != "sqlite"
+        self._clock = clock
+
+    async def enqueue(
+        self,
+        workspace: str,
+        recording_id: str,
+        kind: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        max_attempts: int = 3,
+    ) -> Job:
+        now = self._clock()
+        values = {
+            "id": uuid.uuid4().hex,
+            "workspace_id": workspace,
+            "recording_id": recording_id,
+            "kind": kind,
+            "status": JobStatus.QUEUED.value,
+            "attempts": 0,
+            "max_attempts": max_attempts,
+            "progress": 0.0,
+            "error": None,
+            "payload": payload or {},
+            "run_after": now,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "created_at": now,
+            "started_at": None,
+            "finished_at": None,
+        }
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(jobs.insert().values(**values).returning(*_COLUMNS))).one()
+        return _job(row)
+
+    async def claim(self, worker: str, lease_seconds: float) -> Job | None:
+        now = self._clock()
+        expired = sa.and_(jobs.c.status == JobStatus.RUNNING.value, jobs.c.lease_expires_at < now)
+        runnable = sa.or_(
+            sa.and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.run_after <= now),
+            sa.and_(expired, jobs.c.attempts < jobs.c.max_attempts),
+        )
+        oldest = sa.select(jobs.c.id).where(runnable).order_by(jobs.c.created_at).limit(1)
+        if self._skip_locked:
+            oldest = oldest.with_for_update(skip_locked=True)
+        async with self.engine.begin() as conn:
+            # A job whose worker vanished on its last allowed attempt ends here, not in a retry.
+            await conn.execute(
+                jobs.update()
+                .where(expired, jobs.c.attempts >= jobs.c.max_attempts)
+                .values(
+                    status=JobStatus.FAILED.value,
+                    error=LOST_WORKER_ERROR,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    finished_at=now,
+                )
+            )
+            row = (
+                await conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == oldest.scalar_subquery(), runnable)
+                    .values(
+                        status=JobStatus.RUNNING.value,
+                        attempts=jobs.c.attempts + 1,
+                        lease_owner=worker,
+                        lease_expires_at=now + timedelta(seconds=lease_seconds),
+                        started_at=sa.func.coalesce(jobs.c.started_at, now),
+                    )
+                    .returning(*_COLUMNS)
+                )
+            ).first()
+        return None if row is None else _job(row)
+
+    def _held_by(self, job_id: str, worker: str) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            jobs.c.id == job_id,
+            jobs.c.lease_owner == worker,
+            jobs.c.status == JobStatus.RUNNING.value,
+        )
+
+    async def heartbeat(
+        self, job_id: str, worker: str, lease_seconds: float, progress: float | None = None
+    ) -> bool:
+        values: dict[str, Any] = {
+            "lease_expires_at": self._clock() + timedelta(seconds=lease_seconds)
+        }
+        if progress is not None:
+            values["progress"] = min(1.0, max(0.0, progress))
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                jobs.update().where(self._held_by(job_id, worker)).values(**values)
+            )
+        return bool(result.rowcount)
+
+    async def complete(self, job_id: str, worker: str) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                jobs.update()
+                .where(self._held_by(job_id, worker))
+                .values(
+                    status=JobStatus.SUCCEEDED.value,
+                    progress=1.0,
+                    error=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    finished_at=self._clock(),
+                )
+            )
+        return bool(result.rowcount)
+
+    async def fail(self, job_id: str, worker: str, error: str, *, retry_after: float) -> Job | None:
+        now = self._clock()
+        retry = jobs.c.attempts < jobs.c.max_attempts
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    jobs.update()
+                    .where(self._held_by(job_id, worker))
+                    .values(
+                        status=sa.case(
+                            (retry, JobStatus.QUEUED.value), else_=JobStatus.FAILED.value
+                        ),
+                        run_after=now + timedelta(seconds=retry_after),
+                        finished_at=sa.case((retry, None), else_=now),
+                        error=error[:4000],
+                        lease_owner=None,
+                        lease_expires_at=None,
+                    )
+                    .returning(*_COLUMNS)
+                )
+            ).first()
+        return None if row is None else _job(row)
+
+    async def cancel(self, workspace: str, job_id: str) -> Job:
+        unfinished = [JobStatus.QUEUED.value, JobStatus.RUNNING.value]
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.workspace_id == workspace,
+                    jobs.c.status.in_(unfinished),
+                )
+                .values(
+                    status=JobStatus.CANCELLED.value,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    finished_at=self._clock(),
+                )
+            )
+        return await self.get(workspace, job_id)
+
+    async def get(self, workspace: str, job_id: str) -> Job:
+        query = sa.select(*_COLUMNS).where(jobs.c.id == job_id, jobs.c.workspace_id == workspace)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            raise NotFound(f"no job {job_id[:64]!r}", detail={"job_id": job_id[:64]})
+        return _job(row)
