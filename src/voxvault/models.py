@@ -11,7 +11,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from voxvault.errors import ValidationFailed
 
 MAX_SEGMENT_TEXT = 10_000
 MAX_SEGMENTS = 100_000
@@ -21,6 +23,15 @@ MAX_TAGS = 64
 MAX_METADATA_BYTES = 64 * 1024
 MAX_METADATA_DEPTH = 32
 TAG_PATTERN = r"^[\w][\w .:/+-]{0,63}$"
+
+
+def validation_failed(exc: ValidationError) -> ValidationFailed:
+    """The service's 422 for a pydantic error, listing each problem without echoing input."""
+    problems = [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+    return ValidationFailed("some fields are invalid", detail=problems)
 
 
 class RecordingStatus(StrEnum):

@@ -40,6 +40,7 @@ from voxvault.models import (
     Transcript,
     TranscriptInput,
     TranscriptVersion,
+    validation_failed,
 )
 from voxvault.names import (
     check_artifact_name,
@@ -75,14 +76,6 @@ class Download:
         return self._blobs.stream_range(
             self.key, start, self.size - start if length is None else length
         )
-
-
-def _validation_failed(exc: ValidationError) -> ValidationFailed:
-    errors = [
-        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-        for e in exc.errors(include_url=False, include_context=False, include_input=False)
-    ]
-    return ValidationFailed("some fields are invalid", detail=errors)
 
 
 async def _file_chunks(
@@ -251,7 +244,7 @@ class Vault:
         try:
             return _PATCH.validate_python({k: v for k, v in values.items() if v is not None})
         except ValidationError as exc:
-            raise _validation_failed(exc) from None
+            raise validation_failed(exc) from None
 
     async def update_recording(
         self, recording_id: str, patch: RecordingPatch | Mapping[str, Any]
@@ -346,7 +339,7 @@ class Vault:
             try:
                 transcript = TranscriptInput.model_validate(transcript)
             except ValidationError as exc:
-                raise _validation_failed(exc) from None
+                raise validation_failed(exc) from None
         return await self.metadata.add_transcript(
             self.workspace, check_recording_id(recording_id), transcript
         )

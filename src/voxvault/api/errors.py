@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from voxvault import errors
+from voxvault.models import validation_failed
 
 logger = logging.getLogger("voxvault.api")
 
@@ -107,13 +108,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, str(exc.detail), None, exc.headers)
 
 
-async def _pydantic_error(_: Request, exc: Exception) -> JSONResponse:
+async def _pydantic_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ValidationError)
-    problems = [
-        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-        for e in exc.errors(include_url=False, include_context=False, include_input=False)
-    ]
-    return error_response(422, "validation_failed", "some fields are invalid", problems)
+    return await _vox_error(request, validation_failed(exc))
 
 
 async def _client_gone(_: Request, __: Exception) -> JSONResponse:

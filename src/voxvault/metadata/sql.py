@@ -94,6 +94,11 @@ def _utc(value: datetime) -> datetime:
         raise InvalidRequest(f"{value.isoformat()} is outside the representable range") from None
 
 
+# A recording's columns as clients see them (the workspace is the caller's scope, not a field).
+_RECORDING_COLUMNS = [c for c in recordings.c if c.name != "workspace_id"]
+_ARTIFACT_COLUMNS = [artifacts.c[name] for name in Artifact.model_fields]
+
+
 def _recording(row: sa.Row[Any]) -> Recording:
     return Recording.model_validate(dict(row._mapping))
 
@@ -181,8 +186,9 @@ class SqlMetadataStore(MetadataStore):
     async def _fetch_recording(
         self, conn: AsyncConnection, workspace: str, recording_id: str, *, lock: bool = False
     ) -> Recording:
-        columns = [c for c in recordings.c if c.name != "workspace_id"]
-        query = sa.select(*columns).where(self._visible(workspace), recordings.c.id == recording_id)
+        query = sa.select(*_RECORDING_COLUMNS).where(
+            self._visible(workspace), recordings.c.id == recording_id
+        )
         if lock and self.dialect != "sqlite":
             query = query.with_for_update()
         row = (await conn.execute(query)).first()
@@ -195,8 +201,7 @@ class SqlMetadataStore(MetadataStore):
             return await self._fetch_recording(conn, workspace, recording_id)
 
     async def list_recordings(self, workspace: str, query: RecordingQuery) -> RecordingPage:
-        columns = [c for c in recordings.c if c.name != "workspace_id"]
-        stmt = sa.select(*columns).where(self._visible(workspace))
+        stmt = sa.select(*_RECORDING_COLUMNS).where(self._visible(workspace))
         if query.status is not None:
             stmt = stmt.where(recordings.c.status == query.status.value)
         if query.tag is not None:
@@ -261,8 +266,11 @@ class SqlMetadataStore(MetadataStore):
 
     @staticmethod
     async def _fetch_deleting(conn: AsyncConnection, recording_id: str) -> Recording:
-        columns = [c for c in recordings.c if c.name != "workspace_id"]
-        row = (await conn.execute(sa.select(*columns).where(recordings.c.id == recording_id))).one()
+        row = (
+            await conn.execute(
+                sa.select(*_RECORDING_COLUMNS).where(recordings.c.id == recording_id)
+            )
+        ).one()
         return _recording(row)
 
     async def list_tombstones(self, limit: int = 1000) -> list[tuple[str, str]]:
@@ -392,7 +400,7 @@ class SqlMetadataStore(MetadataStore):
             await self._fetch_recording(conn, workspace, recording_id)
             row = (
                 await conn.execute(
-                    sa.select(*self._artifact_columns()).where(
+                    sa.select(*_ARTIFACT_COLUMNS).where(
                         artifacts.c.recording_id == recording_id, artifacts.c.name == name
                     )
                 )
@@ -401,22 +409,12 @@ class SqlMetadataStore(MetadataStore):
             raise NotFound(f"recording {recording_id!r} has no artifact {name!r}")
         return _artifact(row)
 
-    @staticmethod
-    def _artifact_columns() -> list[sa.Column[Any]]:
-        return [
-            artifacts.c.name,
-            artifacts.c.content_type,
-            artifacts.c.size_bytes,
-            artifacts.c.sha256,
-            artifacts.c.created_at,
-        ]
-
     async def list_artifacts(self, workspace: str, recording_id: str) -> list[Artifact]:
         async with self.engine.connect() as conn:
             await self._fetch_recording(conn, workspace, recording_id)
             rows = (
                 await conn.execute(
-                    sa.select(*self._artifact_columns())
+                    sa.select(*_ARTIFACT_COLUMNS)
                     .where(artifacts.c.recording_id == recording_id)
                     .order_by(artifacts.c.name)
                 )
