@@ -21,7 +21,7 @@ pytestmark = pytest.mark.anyio
 
 RECORDING_FIELDS = {
     "id", "status", "title", "filename", "content_type", "size_bytes", "sha256", "duration_s",
-    "sample_rate", "channels", "codec", "tags", "metadata", "created_at", "updated_at",
+    "sample_rate", "channels", "codec", "tags", "metadata", "created_at", "updated_at", "error",
 }  # fmt: skip
 
 
@@ -42,7 +42,7 @@ async def test_raw_upload_returns_the_record_with_exactly_the_contract_fields(
     data = wav_bytes(seconds=2.0, rate=16000)
     body = await upload(client, data, filename="take one.wav", title="Take 1", tag=["a", "b"])
     assert set(body) == RECORDING_FIELDS
-    assert body["status"] == "stored"
+    assert (body["status"], body["error"]) == ("queued", None)  # the pipeline runs by default
     assert (body["title"], body["filename"], body["tags"]) == ("Take 1", "take one.wav", ["a", "b"])
     assert body["size_bytes"] == len(data)
     assert body["sha256"] == hashlib.sha256(data).hexdigest()
@@ -132,7 +132,7 @@ async def test_list_pages_newest_first_with_cursor(client: httpx.AsyncClient) ->
 
 
 async def test_list_filters_by_tag_status_and_time(client: httpx.AsyncClient) -> None:
-    first = await upload(client, wav_bytes(0.2), tag=["alpha"])
+    first = await upload(client, wav_bytes(0.2), tag=["alpha"], transcribe="false")
     second = await upload(client, wav_bytes(0.2), tag=["alpha", "beta"])
 
     async def ids(**params: Any) -> list[str]:
@@ -142,7 +142,8 @@ async def test_list_filters_by_tag_status_and_time(client: httpx.AsyncClient) ->
 
     assert await ids(tag="alpha") == [second["id"], first["id"]]
     assert await ids(tag="beta") == [second["id"]]
-    assert await ids(status="stored") == [second["id"], first["id"]]
+    assert await ids(status="stored") == [first["id"]]
+    assert await ids(status="queued") == [second["id"]]
     assert await ids(status="ready") == []
     boundary = first["created_at"]
     assert await ids(created_after=boundary) == [second["id"]]

@@ -142,7 +142,9 @@ class Existing:
 
 async def make_existing(client: httpx.AsyncClient, data_dir: Path) -> Existing:
     audio = wav_bytes(seconds=1.0)
-    created = await client.post("/v1/recordings?filename=kept.wav", content=audio, headers=WAV)
+    created = await client.post(
+        "/v1/recordings?filename=kept.wav&transcribe=false", content=audio, headers=WAV
+    )
     assert created.status_code == 201, created.text
     recording_id: str = created.json()["id"]
     transcript = await client.put(f"/v1/recordings/{recording_id}/transcript", json=GOOD_TRANSCRIPT)
@@ -155,7 +157,7 @@ async def make_existing(client: httpx.AsyncClient, data_dir: Path) -> Existing:
     assert artifact.status_code == 200, artifact.text
     state = await store_state(client, data_dir)
     assert [item["id"] for item in state.recordings] == [recording_id]
-    assert len(state.files) == 2  # the original and the artifact
+    assert len(state.files) == 7  # the original, five transcript files and the artifact
     return Existing(recording_id, audio, state)
 
 

@@ -54,7 +54,7 @@ def audio_file(tmp_path: Path, audio: bytes) -> Path:
 
 
 def ingest(data_dir: Path, path: Path, *options: str) -> dict[str, Any]:
-    result = ok(data_dir, "ingest", str(path), "--json", *options)
+    result = ok(data_dir, "ingest", str(path), "--json", "--no-transcribe", *options)
     stored = json.loads(result.stdout)
     assert isinstance(stored, list)
     assert len(stored) == 1
@@ -105,7 +105,7 @@ def test_ingest_without_json_prints_a_line_per_file(data_dir: Path, tmp_path: Pa
     first, second = tmp_path / "one.wav", tmp_path / "two.wav"
     first.write_bytes(wav_bytes(seconds=1.0))
     second.write_bytes(wav_bytes(seconds=0.5))
-    result = ok(data_dir, "ingest", str(first), str(second))
+    result = ok(data_dir, "ingest", str(first), str(second), "--no-transcribe")
     listed = ls_json(data_dir)
     assert sorted(r["filename"] for r in listed) == ["one.wav", "two.wav"]
     out = one_line(result.stdout)
@@ -193,10 +193,14 @@ def test_show_includes_transcript_versions_and_artifacts(
         (1, "en", 2),
         (2, "en", 2),
     ]
-    assert [(a["name"], a["content_type"], a["size_bytes"]) for a in shown["artifacts"]] == [
-        ("notes.txt", "text/plain", 5)
-    ]
-    assert shown["artifacts"][0]["sha256"] == hashlib.sha256(b"notes").hexdigest()
+    artifacts = {a["name"]: a for a in shown["artifacts"]}
+    assert sorted(artifacts) == [
+        "notes.txt", "transcript.json", "transcript.md", "transcript.srt", "transcript.txt",
+        "transcript.vtt",
+    ]  # fmt: skip
+    notes = artifacts["notes.txt"]
+    assert (notes["content_type"], notes["size_bytes"]) == ("text/plain", 5)
+    assert notes["sha256"] == hashlib.sha256(b"notes").hexdigest()
 
 
 def test_export_writes_srt_and_vtt(data_dir: Path, audio_file: Path, tmp_path: Path) -> None:
@@ -245,7 +249,7 @@ def test_export_with_an_unknown_format_is_a_usage_error(data_dir: Path, audio_fi
 def test_rm_deletes_the_recording_and_its_bytes(data_dir: Path, audio_file: Path) -> None:
     recording = ingest(data_dir, audio_file)
     put_transcript(data_dir, recording["id"])
-    assert len(stored_files(data_dir)) == 1
+    assert len(stored_files(data_dir)) == 6  # the original and five transcript files
 
     result = ok(data_dir, "rm", recording["id"])
     assert one_line(result.stdout) == f"deleted {recording['id']}"
@@ -278,12 +282,13 @@ def test_storage_info_json(data_dir: Path, audio_file: Path, audio: bytes) -> No
     recording = ingest(data_dir, audio_file)
     put_transcript(data_dir, recording["id"])
     info = json.loads(ok(data_dir, "storage-info", "--json").stdout)
+    transcript_files = [f for f in stored_files(data_dir) if "/artifacts/" in f.as_posix()]
     assert info["usage"] == {
         "recordings": 1,
         "recording_bytes": len(audio),
         "transcripts": 1,
-        "artifacts": 0,
-        "artifact_bytes": 0,
+        "artifacts": 5,
+        "artifact_bytes": sum(f.stat().st_size for f in transcript_files),
     }
 
     table = ok(data_dir, "storage-info").stdout
@@ -321,7 +326,7 @@ def test_data_dir_comes_from_the_environment(
     data_dir: Path, audio_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VOXVAULT_DATA_DIR", str(data_dir))
-    result = CliRunner().invoke(app, ["ingest", str(audio_file), "--json"])
+    result = CliRunner().invoke(app, ["ingest", str(audio_file), "--json", "--no-transcribe"])
     assert result.exit_code == 0, result.stderr
     recording = json.loads(result.stdout)[0]
     assert [r["id"] for r in ls_json(data_dir)] == [recording["id"]]
@@ -330,7 +335,7 @@ def test_data_dir_comes_from_the_environment(
 def test_ingest_output_shows_a_bracketed_filename_verbatim(data_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "meeting [draft].wav"
     path.write_bytes(wav_bytes(seconds=1.0))
-    result = ok(data_dir, "ingest", str(path))
+    result = ok(data_dir, "ingest", str(path), "--no-transcribe")
     [recording] = ls_json(data_dir)
     assert recording["filename"] == "meeting [draft].wav"
     assert one_line(result.stdout) == f"stored {recording['id']} meeting [draft].wav 1.0 s"
@@ -379,7 +384,7 @@ def test_http_upload_to_a_running_server_is_seen_by_the_cli(
     live_server: LiveServer, data_dir: Path, audio: bytes
 ) -> None:
     created = httpx.post(
-        f"{live_server.url}/v1/recordings?filename=phone.wav&tag=http",
+        f"{live_server.url}/v1/recordings?filename=phone.wav&tag=http&transcribe=false",
         content=audio,
         headers={"Content-Type": "audio/wav"},
         timeout=10,

@@ -88,7 +88,9 @@ async def test_library_usage_as_in_the_readme(tmp_path: Path) -> None:
     path.write_bytes(audio)
 
     async with await Vault.open(Settings(data_dir=tmp_path / "vault")) as vault:
-        recording = await vault.add_file(path, title="Weekly sync", tags=["team", "weekly"])
+        recording = await vault.add_file(
+            path, title="Weekly sync", tags=["team", "weekly"], transcribe=False
+        )
         assert recording.status is RecordingStatus.STORED
         assert recording.title == "Weekly sync"
         assert recording.tags == ["team", "weekly"]
@@ -108,6 +110,9 @@ async def test_library_usage_as_in_the_readme(tmp_path: Path) -> None:
         )
         assert transcript.version == 1
         assert transcript.language == "en"
+        assert (await vault.get_recording(recording.id)).status is RecordingStatus.READY
+        names = [artifact.name for artifact in await vault.list_artifacts(recording.id)]
+        assert names == [f"transcript.{ext}" for ext in ("json", "md", "srt", "txt", "vtt")]
 
         text, media_type, filename = await vault.export_transcript(recording.id, "srt")
         assert media_type == "application/x-subrip; charset=utf-8"

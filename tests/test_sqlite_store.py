@@ -42,7 +42,7 @@ async def test_open_migrates_to_head_and_creates_the_default_workspace(tmp_path:
         version = db.execute("SELECT version_num FROM alembic_version").fetchall()
         workspaces = db.execute("SELECT id FROM workspaces").fetchall()
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert version == [("0002",)]
+    assert version == [("0003",)]
     assert workspaces == [("default",)]
     assert {"recordings", "recording_tags", "transcripts", "artifacts", "jobs"} <= tables
 

@@ -149,12 +149,14 @@ async def test_storage_info_counts_what_was_stored_and_deleted(client: httpx.Asy
     assert artifact.status_code == 200, artifact.text
     assert artifact.json()["size_bytes"] == len(notes)
 
+    listed = (await client.get(f"/v1/recordings/{first['id']}/artifacts")).json()["items"]
+    assert len(listed) == 6  # notes.txt and the five transcript files
     assert await _usage(client) == {
         "recordings": 2,
         "recording_bytes": len(first_audio) + len(second_audio),
         "transcripts": 2,
-        "artifacts": 1,
-        "artifact_bytes": len(notes),
+        "artifacts": 6,
+        "artifact_bytes": sum(item["size_bytes"] for item in listed),
     }
 
     deleted = await client.delete(f"/v1/recordings/{first['id']}")

@@ -6,6 +6,7 @@ both at once), so the CLI works whether or not a server is running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -13,22 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import anyio
+import httpx
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
 
 from voxvault.errors import VoxVaultError
+from voxvault.events import ProgressEvent
 from voxvault.exports import ExportFormat
 from voxvault.models import RecordingQuery, RecordingStatus
 from voxvault.settings import Settings
@@ -83,8 +78,11 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    workers: Annotated[
+        int, typer.Option(min=0, help="Pipeline workers in this process (0: API only).")
+    ] = 1,
 ) -> None:
-    """Serve the HTTP API (OpenAPI docs at /docs)."""
+    """Serve the HTTP API (OpenAPI docs at /docs) and run pipeline workers."""
     import uvicorn
 
     from voxvault.api import create_app
@@ -96,7 +94,7 @@ def serve(
     # third slower (docs/benchmarks.md, receive-only ceiling), and both fallbacks cost the event
     # loop more CPU per byte, which uploads share with hashing; so ask for the fast pair.
     uvicorn.run(
-        create_app(settings=settings),
+        create_app(settings=settings, workers=workers),
         host=host,
         port=port,
         log_level=log_level,
@@ -122,41 +120,191 @@ def ingest(
     files: Annotated[list[Path], typer.Argument(help="Audio or video files.", exists=True)],
     title: Annotated[str | None, typer.Option(help="Title (for a single file).")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Tag; repeatable.")] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VOXVAULT_SERVER", help="Upload to this server instead of the data directory."
+        ),
+    ] = None,
+    transcribe: Annotated[
+        bool, typer.Option("--transcribe/--no-transcribe", help="Run the pipeline.")
+    ] = True,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait for the pipeline to finish.")
+    ] = True,
     as_json: JsonFlag = False,
 ) -> None:
-    """Store files as recordings, with a progress bar."""
+    """Store files as recordings and transcribe them, with progress bars.
+
+    Without --server the files go into the data directory and this process runs their
+    pipeline (a running server sharing the directory may take some of the jobs).
+    """
     if title and len(files) > 1:
         raise typer.BadParameter("--title applies to a single file")
+    follow = transcribe and wait
+    with _progress(as_json) as progress:
+        bars = Bars(progress, files)
+        if server is None:
 
-    async def action(vault: Vault) -> list[dict[str, Any]]:
-        stored: list[dict[str, Any]] = []
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
+            async def action(vault: Vault) -> list[dict[str, Any]]:
+                return await _ingest_locally(vault, files, bars, title, tag, transcribe, follow)
+
+            stored = _run(ctx, action)
+        else:
+            stored = _run_client(server, files, bars, title, tag, transcribe, follow)
+    _report_ingest(stored, as_json)
+
+
+def _progress(as_json: bool) -> Progress:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[detail]}"),
+    )
+    return Progress(*columns, console=errors, transient=as_json)
+
+
+class Bars:
+    """One progress bar per file: bytes stored first, then the pipeline's progress events."""
+
+    def __init__(self, progress: Progress, files: list[Path]) -> None:
+        self.progress = progress
+        self.tasks = [
+            progress.add_task(path.name, total=max(1, path.stat().st_size), detail="uploading")
+            for path in files
+        ]
+
+    def uploaded(self, index: int) -> Callable[[int], None]:
+        def advance(sent: int) -> None:
+            self.progress.advance(self.tasks[index], sent)
+
+        return advance
+
+    def stored(self, index: int, follow: bool) -> None:
+        task = self.tasks[index]
+        self.progress.update(task, total=100, completed=0 if follow else 100, detail="stored")
+
+    def event(self, index: int, event: ProgressEvent) -> None:
+        detail = event.stage if event.status == RecordingStatus.PROCESSING else event.status
+        if event.error:
+            detail = f"{detail}: {event.error[:80]}"
+        self.progress.update(
+            self.tasks[index], completed=round(event.progress * 100), detail=escape(detail or "")
         )
-        with Progress(*columns, console=errors, transient=as_json) as progress:
-            for path in files:
-                task = progress.add_task(path.name, total=path.stat().st_size)
 
-                def advance(sent: int, task: TaskID = task) -> None:
-                    progress.advance(task, sent)
 
-                recording = await vault.add_file(path, title=title, tags=tag, on_progress=advance)
-                stored.append(recording.model_dump(mode="json"))
-        return stored
+async def _ingest_locally(
+    vault: Vault,
+    files: list[Path],
+    bars: Bars,
+    title: str | None,
+    tags: list[str] | None,
+    transcribe: bool,
+    follow: bool,
+) -> list[dict[str, Any]]:
+    from voxvault.pipeline.worker import run_until_finished
 
-    stored = _run(ctx, action)
+    recordings = []
+    for index, path in enumerate(files):
+        recording = await vault.add_file(
+            path, title=title, tags=tags, on_progress=bars.uploaded(index), transcribe=transcribe
+        )
+        bars.stored(index, follow)
+        recordings.append(recording)
+    if follow:
+        jobs = [job for r in recordings if (job := await vault.jobs.latest(vault.workspace, r.id))]
+
+        async def watch(index: int, recording_id: str) -> None:
+            async for _, event in vault.watch(recording_id):
+                bars.event(index, event)
+
+        async with anyio.create_task_group() as group:
+            for index, recording in enumerate(recordings):
+                group.start_soon(watch, index, recording.id)
+            await run_until_finished(vault, [job.id for job in jobs])
+        recordings = [await vault.get_recording(r.id) for r in recordings]
+    return [r.model_dump(mode="json") for r in recordings]
+
+
+def _run_client(
+    server: str,
+    files: list[Path],
+    bars: Bars,
+    title: str | None,
+    tags: list[str] | None,
+    transcribe: bool,
+    follow: bool,
+) -> list[dict[str, Any]]:
+    from voxvault.client import VaultClient
+
+    async def go() -> list[dict[str, Any]]:
+        async with VaultClient(server) as client:
+            stored = []
+            for index, path in enumerate(files):
+                recording = await client.upload(
+                    path,
+                    title=title,
+                    tags=tags,
+                    transcribe=transcribe,
+                    on_progress=bars.uploaded(index),
+                )
+                bars.stored(index, follow)
+                stored.append(recording)
+            if not follow:
+                return stored
+
+            async def watch(index: int, recording_id: str) -> None:
+                async for event in client.events(recording_id):
+                    bars.event(index, event)
+
+            async with anyio.create_task_group() as group:
+                for index, recording in enumerate(stored):
+                    group.start_soon(watch, index, recording["id"])
+            return [await client.get_recording(r["id"]) for r in stored]
+
+    try:
+        return anyio.run(go)
+    except VoxVaultError as exc:
+        errors.print(f"[red]error:[/red] {escape(exc.message)}")
+        raise typer.Exit(1) from None
+    except httpx.HTTPError as exc:
+        errors.print(f"[red]error:[/red] cannot reach {escape(server)}: {escape(str(exc))}")
+        raise typer.Exit(1) from None
+
+
+def _report_ingest(stored: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         _print_json(stored)
-        return
-    for item in stored:
-        console.print(
-            f"[green]stored[/green] {item['id']}  {escape(item['filename'] or '')}  "
-            f"{item['duration_s']} s"
-        )
+    else:
+        for item in stored:
+            colour = "red" if item["status"] == RecordingStatus.FAILED else "green"
+            line = (
+                f"[{colour}]{item['status']}[/{colour}] {item['id']}  "
+                f"{escape(item['filename'] or '')}  {item['duration_s']} s"
+            )
+            if item.get("error"):
+                line += f"  {escape(item['error'])}"
+            console.print(line)
+    if any(item["status"] == RecordingStatus.FAILED for item in stored):
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker(
+    ctx: typer.Context,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs run at once.")] = 1,
+) -> None:
+    """Run pipeline workers without the API (until interrupted)."""
+    from voxvault.pipeline.worker import run_workers
+
+    async def action(vault: Vault) -> None:
+        await vault.recover()
+        console.print(f"{concurrency} worker(s) on {vault.settings.data_dir}")
+        await run_workers(vault, concurrency)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(ctx, action)
 
 
 @app.command("ls")

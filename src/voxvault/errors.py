@@ -16,6 +16,7 @@ one place, ``voxvault.api.errors``.
     ├── UnsupportedMedia               (415 unsupported_media: not audio we can decode)
     ├── RangeNotSatisfiable            (416 range_not_satisfiable)
     ├── ValidationFailed               (422 validation_failed: well-formed but invalid fields)
+    │   └── MediaLimitExceeded         (422 media_limit_exceeded: too long, slow or big to decode)
     ├── BackendUnavailable             (503 backend_unavailable: a store cannot be reached)
     └── ConfigurationError             (raised at start-up; never reaches a client)
 """
@@ -74,6 +75,10 @@ class RangeNotSatisfiable(VoxVaultError):
 
 class ValidationFailed(VoxVaultError):
     code = "validation_failed"
+
+
+class MediaLimitExceeded(ValidationFailed):
+    code = "media_limit_exceeded"
 
 
 class BackendUnavailable(VoxVaultError):

@@ -60,6 +60,8 @@ class Recording(BaseModel):
     metadata: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    error: str | None = None
+    """Why processing failed, when ``status`` is ``failed``."""
 
 
 class RecordingPage(BaseModel):
@@ -164,6 +166,9 @@ class TranscriptInput(BaseModel):
 
     language: Annotated[str | None, Field(pattern=LANGUAGE_PATTERN.pattern)] = None
     segments: Annotated[list[Segment], Field(max_length=MAX_SEGMENTS)]
+    engine: Annotated[str | None, Field(max_length=64)] = None
+    """What made it (``faster-whisper``, or an app's own live engine)."""
+    model: Annotated[str | None, Field(max_length=200)] = None
 
     @model_validator(mode="after")
     def _segments_in_order(self) -> TranscriptInput:
@@ -173,12 +178,32 @@ class TranscriptInput(BaseModel):
         return self
 
 
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,99})?$"
+
+
+class TranscribeRequest(BaseModel):
+    """Options of a (re-)transcription; unset ones come from the server's settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str | None, Field(pattern=MODEL_NAME_PATTERN)] = None
+    """A Whisper model name (``tiny.en``, ``large-v3``) or a hub id (``org/name``)."""
+    language: Annotated[str | None, Field(pattern=LANGUAGE_PATTERN.pattern)] = None
+    """The spoken language (ISO 639-1, e.g. ``en``); detected when unset."""
+
+
 class Transcript(BaseModel):
     recording_id: str
     version: int
     language: str | None
     segments: list[Segment]
     created_at: datetime
+    engine: str | None = None
+    model: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    """Seconds spent per pipeline step, for transcripts the pipeline made."""
+    job_id: str | None = None
+    """The job that made it; a job makes at most one transcript, however often it runs."""
 
 
 class TranscriptVersion(BaseModel):
@@ -186,6 +211,9 @@ class TranscriptVersion(BaseModel):
     language: str | None
     segment_count: int
     created_at: datetime
+    engine: str | None = None
+    model: str | None = None
+    job_id: str | None = None
 
 
 class TranscriptVersionList(BaseModel):

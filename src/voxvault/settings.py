@@ -37,6 +37,21 @@ class Settings(BaseSettings):
     whisper_device: Literal["auto", "cpu", "cuda"] = "auto"
     whisper_compute_type: str = "auto"
     whisper_beam_size: Annotated[int, Field(ge=1, le=20)] = 5
+    max_duration_s: Annotated[float, Field(gt=0)] = 12 * 3600
+    """Longest recording accepted: checked at upload and again while decoding."""
+    decode_timeout_s: Annotated[float, Field(gt=0)] = 1800
+    """Wall-clock limit for decoding one upload (untrusted media) in the normalize step."""
+    decode_memory_bytes: Annotated[int, Field(ge=256 * 1024**2)] = 2 * GiB
+    """Address-space limit of the process that decodes untrusted media."""
+    queue_url: str = "embedded"
+    """``embedded``: jobs are rows in the metadata database."""
+    events_url: str = "memory"
+    """``memory``: progress events stay in this process (SSE also follows the database)."""
+    job_lease_s: Annotated[float, Field(ge=1, le=3600)] = 30
+    """A job whose worker has not renewed its lease for this long is run again elsewhere."""
+    job_max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    job_retry_delay_s: Annotated[float, Field(ge=0, le=3600)] = 5
+    """Delay before the first retry; each further retry waits twice as long."""
 
     @model_validator(mode="after")
     def _fill_backend_urls(self) -> Settings:

@@ -8,6 +8,7 @@ what the attempt wrote.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
@@ -23,8 +24,17 @@ from pydantic import TypeAdapter, ValidationError
 from voxvault import exports
 from voxvault.blobs import BlobStore, open_blob_store
 from voxvault.blobs import keys as blob_keys
-from voxvault.errors import InvalidRequest, NotFound, PayloadTooLarge, ValidationFailed
+from voxvault.errors import (
+    Conflict,
+    InvalidRequest,
+    MediaLimitExceeded,
+    NotFound,
+    PayloadTooLarge,
+    ValidationFailed,
+)
+from voxvault.events import EventBus, ProgressEvent, open_event_bus
 from voxvault.exports import ExportFormat
+from voxvault.jobs import FINISHED, Job, JobQueue, JobStatus, open_job_queue
 from voxvault.media.blobfile import BlobFile
 from voxvault.media.probe import probe
 from voxvault.metadata import DEFAULT_WORKSPACE, MetadataStore, open_metadata_store
@@ -37,6 +47,7 @@ from voxvault.models import (
     RecordingQuery,
     RecordingStatus,
     StorageInfo,
+    TranscribeRequest,
     Transcript,
     TranscriptInput,
     TranscriptVersion,
@@ -52,8 +63,14 @@ from voxvault.settings import MAX_PLAYBACK_URL_TTL, Settings
 from voxvault.signing import PlaybackSigner
 
 FILE_CHUNK_BYTES = 1024 * 1024
+TRANSCRIBE_JOB = "transcribe"
+# Statuses after which a recording's event stream has nothing more to say.
+SETTLED = frozenset({RecordingStatus.READY, RecordingStatus.FAILED, RecordingStatus.STORED})
+STATE_POLL_SECONDS = 1.0
+PLAYBACK_CONTENT_TYPE = "audio/ogg; codecs=opus"
 _MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+(\s*;.{0,200})?$")
 _PATCH = TypeAdapter(RecordingPatch)
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +95,10 @@ class Download:
         )
 
 
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
 async def _file_chunks(
     path: Path, on_progress: Callable[[int], None] | None
 ) -> AsyncIterator[bytes]:
@@ -86,6 +107,21 @@ async def _file_chunks(
             if on_progress is not None:
                 on_progress(len(chunk))
             yield chunk
+
+
+def _check_job_id(job_id: str) -> str:
+    if not _JOB_ID.fullmatch(job_id):
+        raise NotFound(f"no job {job_id[:64]!r}", detail={"job_id": job_id[:64]})
+    return job_id
+
+
+def _changed(before: ProgressEvent, after: ProgressEvent) -> bool:
+    return (after.status, after.stage, after.job_id, after.error) != (
+        before.status,
+        before.stage,
+        before.job_id,
+        before.error,
+    ) or abs(after.progress - before.progress) >= 0.01
 
 
 class Vault:
@@ -97,14 +133,21 @@ class Vault:
         metadata: MetadataStore,
         blobs: BlobStore,
         signer: PlaybackSigner,
+        jobs: JobQueue,
+        events: EventBus,
         *,
         workspace: str = DEFAULT_WORKSPACE,
+        job_added: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.metadata = metadata
         self.blobs = blobs
         self.signer = signer
+        self.jobs = jobs
+        self.events = events
         self.workspace = workspace
+        self._job_waiters: list[anyio.Event] = []
+        self._job_added = job_added or self._wake_job_waiters
 
     @classmethod
     async def open(cls, settings: Settings | None = None, *, migrate: bool = True) -> Vault:
@@ -116,16 +159,28 @@ class Vault:
                 await metadata.migrate()
             blobs = open_blob_store(settings.blob_url)
             signer = PlaybackSigner(settings.load_secret_key())
+            jobs = open_job_queue(settings.queue_url, metadata)
+            events = open_event_bus(settings.events_url)
         except BaseException:
             await metadata.close()
             raise
-        return cls(settings, metadata, blobs, signer)
+        return cls(settings, metadata, blobs, signer, jobs, events)
 
     def for_workspace(self, workspace: str) -> Vault:
         """The same stores, scoped to another workspace."""
-        return Vault(self.settings, self.metadata, self.blobs, self.signer, workspace=workspace)
+        return Vault(
+            self.settings,
+            self.metadata,
+            self.blobs,
+            self.signer,
+            self.jobs,
+            self.events,
+            workspace=workspace,
+            job_added=self._job_added,
+        )
 
     async def close(self) -> None:
+        await self.events.close()
         await self.blobs.close()
         await self.metadata.close()
 
@@ -147,10 +202,14 @@ class Vault:
         tags: list[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         declared_size: int | None = None,
+        transcribe: bool = True,
     ) -> Recording:
-        """Store an upload, verify it is decodable audio, and record it as ``stored``.
+        """Store an upload, verify it is decodable audio, and record it.
 
-        Refused uploads (too large, empty, not audio, invalid fields) leave no bytes and no row.
+        With ``transcribe`` (the default) a pipeline job is queued and the recording starts
+        ``queued``; without, it stays ``stored`` (for apps that bring their own transcript).
+        Refused uploads (too large, empty, not audio, too long, invalid fields) leave no bytes
+        and no row, and so does a failure to queue the job.
         """
         filename = check_filename(filename)
         fields = self._validate_patch(
@@ -165,14 +224,16 @@ class Vault:
         recording_id = new_recording_id()
         key = blob_keys.recording_original(recording_id)
         stored = await self.blobs.put_stream(key, chunks, max_bytes=limit)
+        inserted = False
         try:
             source = BlobFile(self.blobs, key, stored.size)
             media = await anyio.to_thread.run_sync(probe, source)
+            self._check_duration(media.duration_s)
             now = datetime.now(UTC)
             declared_type = (content_type or "").split(";")[0].strip().lower()
             recording = Recording(
                 id=recording_id,
-                status=RecordingStatus.STORED,
+                status=RecordingStatus.QUEUED if transcribe else RecordingStatus.STORED,
                 title=fields.title,
                 filename=filename,
                 content_type=declared_type
@@ -190,11 +251,24 @@ class Vault:
                 updated_at=now,
             )
             await self.metadata.insert_recording(self.workspace, recording)
+            inserted = True
+            if transcribe:
+                await self._enqueue(recording_id, TranscribeRequest())
         except BaseException:
             with anyio.CancelScope(shield=True):
+                if inserted:
+                    await self.metadata.purge_recording(self.workspace, recording_id)
                 await self.blobs.delete(key)
             raise
         return recording
+
+    def _check_duration(self, duration_s: float | None) -> None:
+        limit = self.settings.max_duration_s
+        if duration_s is not None and duration_s > limit:
+            raise MediaLimitExceeded(
+                f"the recording lasts {duration_s:.0f} s, longer than the limit of {limit:.0f} s",
+                detail={"duration_s": duration_s, "max_duration_s": limit},
+            )
 
     async def add_file(
         self,
@@ -204,6 +278,7 @@ class Vault:
         tags: list[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         on_progress: Callable[[int], None] | None = None,
+        transcribe: bool = True,
     ) -> Recording:
         """Store a local file as a recording; ``on_progress`` is told each chunk's size."""
         path = Path(path)
@@ -216,6 +291,7 @@ class Vault:
             tags=tags,
             metadata=metadata,
             declared_size=path.stat().st_size,
+            transcribe=transcribe,
         )
 
     async def get_recording(self, recording_id: str) -> Recording:
@@ -327,7 +403,25 @@ class Vault:
 
     async def open_signed_audio(self, recording_id: str, expires: int, signature: str) -> Download:
         self.signer.verify(self.workspace, recording_id, expires, signature)
-        return await self.open_audio(recording_id)
+        return await self.open_playback(recording_id)
+
+    async def open_playback(self, recording_id: str) -> Download:
+        """The browser-friendly Opus rendition when the pipeline made one, else the original."""
+        recording = await self.get_recording(recording_id)
+        sha256 = await self.metadata.get_playback(self.workspace, recording.id)
+        if sha256 is None:
+            return await self.open_audio(recording.id)
+        stem = Path(recording.filename).stem if recording.filename else recording.id
+        try:
+            return await self._download(
+                blob_keys.recording_playback(recording.id),
+                sha256=sha256,
+                content_type=PLAYBACK_CONTENT_TYPE,
+                filename=f"{stem}.opus",
+                modified_at=recording.updated_at,
+            )
+        except NotFound:
+            return await self.open_audio(recording.id)
 
     # ---- transcripts --------------------------------------------------------------------------
 
@@ -340,9 +434,35 @@ class Vault:
                 transcript = TranscriptInput.model_validate(transcript)
             except ValidationError as exc:
                 raise validation_failed(exc) from None
-        return await self.metadata.add_transcript(
+        stored = await self.metadata.add_transcript(
             self.workspace, check_recording_id(recording_id), transcript
         )
+        await self.write_transcript_files(stored.recording_id)
+        recording = await self.get_recording(stored.recording_id)
+        if recording.status in (RecordingStatus.STORED, RecordingStatus.FAILED):
+            await self.settle_status(recording.id)  # it has a transcript now: ready
+        return stored
+
+    async def write_transcript_files(self, recording_id: str) -> list[Artifact]:
+        """(Re)write the ``transcript.{json,srt,vtt,txt,md}`` artifacts from the current version.
+
+        Rendering the newest version each time makes the files follow it whichever writer
+        finishes last; running it twice writes the same bytes.
+        """
+        recording = await self.get_recording(recording_id)
+        transcript = await self.get_transcript(recording.id)
+        written = []
+        for fmt in ExportFormat:
+            data = exports.render(transcript, recording, fmt).encode()
+            written.append(
+                await self.put_artifact(
+                    recording.id,
+                    f"transcript.{fmt.value}",
+                    _once(data),
+                    content_type=exports.MEDIA_TYPES[fmt],
+                )
+            )
+        return written
 
     async def get_transcript(self, recording_id: str, version: int | None = None) -> Transcript:
         return await self.metadata.get_transcript(
@@ -434,6 +554,196 @@ class Vault:
         ):
             raise NotFound(f"recording {recording_id!r} has no artifact {name!r}")
         await self.blobs.delete(blob_keys.recording_artifact(recording_id, name))
+
+    # ---- jobs and progress --------------------------------------------------------------------
+
+    def _wake_job_waiters(self) -> None:
+        waiters, self._job_waiters = self._job_waiters, []
+        for waiter in waiters:
+            waiter.set()
+
+    async def wait_for_jobs(self) -> None:
+        """Return when this process queues a job (workers also poll, for other processes)."""
+        waiter = anyio.Event()
+        self._job_waiters.append(waiter)
+        await waiter.wait()
+
+    def channel(self, recording_id: str) -> str:
+        """The event-bus channel of a recording's progress."""
+        return f"{self.workspace}:{recording_id}"
+
+    async def publish(self, recording_id: str, event: ProgressEvent) -> None:
+        await self.events.publish(self.channel(recording_id), event)
+
+    async def _enqueue(self, recording_id: str, request: TranscribeRequest) -> Job:
+        try:
+            job = await self.jobs.enqueue(
+                self.workspace,
+                recording_id,
+                TRANSCRIBE_JOB,
+                request.model_dump(exclude_none=True),
+                max_attempts=self.settings.job_max_attempts,
+            )
+        except Conflict:
+            raise Conflict(
+                "a transcription of this recording is already queued or running",
+                detail={"recording_id": recording_id},
+            ) from None
+        self._job_added()
+        await self.publish(
+            recording_id,
+            ProgressEvent(type="status", status=RecordingStatus.QUEUED.value, job_id=job.id),
+        )
+        return job
+
+    async def transcribe(
+        self, recording_id: str, request: TranscribeRequest | Mapping[str, Any] | None = None
+    ) -> Job:
+        """Queue the pipeline for a recording; it makes a new transcript version, and the
+        earlier versions stay. ``Conflict`` while a run is already queued or running."""
+        if not isinstance(request, TranscribeRequest):
+            try:
+                request = TranscribeRequest.model_validate(request or {})
+            except ValidationError as exc:
+                raise validation_failed(exc) from None
+        recording = await self.get_recording(recording_id)
+        latest = await self.jobs.latest(self.workspace, recording.id)
+        if latest is not None and latest.status not in FINISHED:
+            raise Conflict(
+                "a transcription of this recording is already queued or running",
+                detail={"recording_id": recording.id, "job_id": latest.id},
+            )
+        await self.metadata.update_recording(
+            self.workspace, recording.id, status=RecordingStatus.QUEUED
+        )
+        try:
+            return await self._enqueue(recording.id, request)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.settle_status(recording.id)
+            raise
+
+    async def get_job(self, job_id: str) -> Job:
+        return await self.jobs.get(self.workspace, _check_job_id(job_id))
+
+    async def list_jobs(self, recording_id: str) -> list[Job]:
+        recording = await self.get_recording(recording_id)
+        return await self.jobs.list_for_recording(self.workspace, recording.id)
+
+    async def cancel_job(self, job_id: str) -> Job:
+        """Cancel a queued or running job; a finished one is returned as it is.
+
+        A running job stops at its worker's next heartbeat and leaves its recording as it was
+        before the run (``ready`` with its earlier transcript, else ``stored``).
+        """
+        job = await self.jobs.cancel(self.workspace, _check_job_id(job_id))
+        if job.status is JobStatus.CANCELLED:
+            with contextlib.suppress(NotFound):
+                await self.settle_status(job.recording_id)
+        return job
+
+    async def settle_status(self, recording_id: str) -> Recording:
+        """Give a recording the status its jobs and transcripts say it has, when no job is
+        queued or running: after a cancel, and after a crash between two writes."""
+        latest = await self.jobs.latest(self.workspace, recording_id)
+        if latest is not None and latest.status not in FINISHED:
+            return await self.get_recording(recording_id)
+        error = None
+        if latest is not None and latest.status is JobStatus.FAILED:
+            status, error = RecordingStatus.FAILED, latest.error
+        elif await self._has_transcript(recording_id):
+            status = RecordingStatus.READY
+        else:
+            status = RecordingStatus.STORED
+        recording = await self.metadata.update_recording(
+            self.workspace, recording_id, status=status, error=error
+        )
+        await self.publish(
+            recording_id,
+            ProgressEvent(
+                type="status",
+                status=status.value,
+                job_id=latest.id if latest else None,
+                progress=1.0 if status is RecordingStatus.READY else 0.0,
+                error=error,
+            ),
+        )
+        return recording
+
+    async def _has_transcript(self, recording_id: str) -> bool:
+        try:
+            await self.get_transcript(recording_id)
+        except NotFound:
+            return False
+        return True
+
+    async def repair_statuses(self) -> int:
+        """Settle every ``queued``/``processing`` recording that has no live job (a crash
+        between two writes left it so); returns how many changed."""
+        repaired = 0
+        for status in (RecordingStatus.QUEUED, RecordingStatus.PROCESSING):
+            async for recording in self.iter_recordings(RecordingQuery(status=status, limit=500)):
+                latest = await self.jobs.latest(self.workspace, recording.id)
+                if latest is None or latest.status in FINISHED:
+                    await self.settle_status(recording.id)
+                    repaired += 1
+        return repaired
+
+    async def recover(self) -> None:
+        """Finish what a crash interrupted: deletions first, then recording statuses."""
+        await self.finish_interrupted_deletes()
+        await self.repair_statuses()
+
+    async def snapshot(self, recording_id: str) -> ProgressEvent:
+        """The recording's progress as it stands, from the stores (any process's work)."""
+        recording = await self.get_recording(recording_id)
+        latest = await self.jobs.latest(self.workspace, recording.id)
+        running = latest is not None and latest.status not in FINISHED
+        return ProgressEvent(
+            type="snapshot",
+            status=recording.status.value,
+            stage=latest.stage if latest and running else None,
+            progress=1.0
+            if recording.status is RecordingStatus.READY
+            else (latest.progress if latest and running else 0.0),
+            job_id=latest.id if latest else None,
+            error=recording.error,
+        )
+
+    async def watch(
+        self, recording_id: str, *, last_event_id: str | None = None
+    ) -> AsyncIterator[tuple[str | None, ProgressEvent]]:
+        """A recording's progress: its current state at once, then each event, ending once the
+        recording is settled (``ready``, ``failed``, ``stored``) or deleted.
+
+        The stores are re-read every second too, so that progress made by a worker in another
+        process shows even with the in-process event bus, and nothing waits on a lost event.
+        """
+        check_recording_id(recording_id)
+        async with self.events.subscribe(
+            self.channel(recording_id), last_event_id=last_event_id
+        ) as subscription:
+            try:
+                current = await self.snapshot(recording_id)
+            except NotFound:
+                yield None, ProgressEvent(type="deleted", status=RecordingStatus.DELETING.value)
+                return
+            if not subscription.resumed:  # a resumed stream replays what it missed instead
+                yield None, current
+            while RecordingStatus(current.status) not in SETTLED:
+                received = await subscription.next(timeout=STATE_POLL_SECONDS)
+                if received is not None:
+                    current = received[1]
+                    yield received
+                    continue
+                try:
+                    fresh = await self.snapshot(recording_id)
+                except NotFound:
+                    yield None, ProgressEvent(type="deleted", status=RecordingStatus.DELETING.value)
+                    return
+                if _changed(current, fresh):
+                    current = fresh
+                    yield None, fresh
 
     # ---- the service itself -------------------------------------------------------------------
 

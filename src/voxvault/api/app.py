@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 from voxvault import __version__
 from voxvault.api.errors import install_error_handlers
 from voxvault.api.limits import JsonBodyLimit
-from voxvault.api.routers import artifacts, playback, recordings, system, transcripts
+from voxvault.api.routers import artifacts, jobs, playback, recordings, system, transcripts
+from voxvault.pipeline.worker import run_workers
 from voxvault.settings import Settings
 from voxvault.vault import Vault
 
 
-def create_app(vault: Vault | None = None, settings: Settings | None = None) -> FastAPI:
-    """The API over ``vault``; without one, the app opens (and closes) its own from settings."""
+def create_app(
+    vault: Vault | None = None, settings: Settings | None = None, *, workers: int = 0
+) -> FastAPI:
+    """The API over ``vault``; without one, the app opens (and closes) its own from settings.
+
+    ``workers`` pipeline workers run in this process, off the event loop's critical path.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if vault is not None:
-            app.state.vault = vault
-            yield
-            return
-        async with await Vault.open(settings) as opened:
-            await opened.finish_interrupted_deletes()
+        async with contextlib.AsyncExitStack() as stack:
+            if vault is None:
+                opened = await stack.enter_async_context(await Vault.open(settings))
+                await opened.recover()
+            else:
+                opened = vault
             app.state.vault = opened
-            yield
+            async with anyio.create_task_group() as group:
+                group.start_soon(run_workers, opened, workers)
+                yield
+                group.cancel_scope.cancel()
 
     app = FastAPI(
         title="VoxVault",
@@ -39,6 +50,6 @@ def create_app(vault: Vault | None = None, settings: Settings | None = None) -> 
         app.state.vault = vault
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit)
-    for router in (system, recordings, transcripts, artifacts, playback):
+    for router in (system, recordings, jobs, transcripts, artifacts, playback):
         app.include_router(router.router)
     return app

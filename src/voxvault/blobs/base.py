@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 import anyio
@@ -23,6 +24,7 @@ from voxvault.blobs.keys import validate_key
 from voxvault.errors import EmptyUpload, PayloadTooLarge
 
 READ_CHUNK_BYTES = 1024 * 1024
+FILE_CHUNK_BYTES = 1024 * 1024
 
 # Received bytes that may wait for each of a put's threads. Past this the event loop stops
 # reading the body until the thread has caught up by half, so a slow disk throttles the client
@@ -227,6 +229,30 @@ class BlobStore(ABC):
             yield data
 
         return await self.put_stream(key, once(), allow_empty=allow_empty)
+
+    async def put_file(self, key: str, path: Path, *, allow_empty: bool = True) -> StoredBlob:
+        """Store a local file's bytes under ``key``."""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async with await anyio.open_file(path, "rb") as handle:
+                while chunk := await handle.read(FILE_CHUNK_BYTES):
+                    yield chunk
+
+        return await self.put_stream(key, chunks(), allow_empty=allow_empty)
+
+    async def local_copy(self, key: str, scratch: Path) -> Path:
+        """A local file holding the blob's bytes, for tools that need a path (decoders).
+
+        Downloaded into the ``scratch`` directory here; a store on local disk hands out the
+        blob's own file instead, which the caller must only read.
+        """
+        info = await self.stat(key)
+        await anyio.Path(scratch).mkdir(parents=True, exist_ok=True)
+        target = scratch / "source"
+        async with await anyio.open_file(target, "wb") as handle:
+            async for part in self.stream_range(key, 0, info.size):
+                await handle.write(part)
+        return target
 
     async def read_range(self, key: str, start: int, length: int) -> bytes:
         """Read ``length`` bytes from ``start`` (fewer only at the end of the blob)."""

@@ -31,3 +31,7 @@ def recording_original(recording_id: str) -> str:
 
 def recording_artifact(recording_id: str, name: str) -> str:
     return f"recordings/{recording_id}/artifacts/{name}"
+
+
+def recording_playback(recording_id: str) -> str:
+    return f"recordings/{recording_id}/playback.opus"

@@ -192,6 +192,11 @@ class LocalBlobStore(BlobStore):
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
+    async def local_copy(self, key: str, scratch: Path) -> Path:
+        path = self._path(key)
+        await self.stat(key)  # NotFound, like every other store
+        return path
+
     def _open_sink(self, key: str) -> BlobSink:
         return _LocalSink(self, self._path(key), self.staging / f"{uuid.uuid4().hex}.part")
 

@@ -9,6 +9,7 @@ error kept. The work itself must be idempotent (handbook §2), since a job can r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -29,12 +30,14 @@ FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
 
 class Job(BaseModel):
     id: str
+    workspace: str
     recording_id: str
     kind: str
     status: JobStatus
     attempts: int
     max_attempts: int
     progress: float
+    stage: str | None = None
     error: str | None
     payload: dict[str, Any]
     lease_expires_at: datetime | None
@@ -53,25 +56,40 @@ class JobQueue(ABC):
         payload: dict[str, Any] | None = None,
         *,
         max_attempts: int = 3,
-    ) -> Job: ...
+    ) -> Job:
+        """Queue a job; ``Conflict`` while the recording has a queued or running job."""
 
     @abstractmethod
-    async def claim(self, worker: str, lease_seconds: float) -> Job | None:
-        """Take the oldest runnable job (queued and due, or running with an expired lease)."""
+    async def claim(
+        self, worker: str, lease_seconds: float, *, job_ids: Collection[str] | None = None
+    ) -> Job | None:
+        """Take the oldest runnable job (queued and due, or running with an expired lease).
+
+        With ``job_ids``, only one of those: a CLI that ingests files runs its own jobs only.
+        """
 
     @abstractmethod
     async def heartbeat(
-        self, job_id: str, worker: str, lease_seconds: float, progress: float | None = None
+        self,
+        job_id: str,
+        worker: str,
+        lease_seconds: float,
+        progress: float | None = None,
+        stage: str | None = None,
     ) -> bool:
-        """Extend the lease; False when this worker no longer holds the job (stop working)."""
+        """Extend the lease (and record progress); False when this worker no longer holds the
+        job: it was cancelled, its recording deleted, or its lease expired (stop working)."""
 
     @abstractmethod
     async def complete(self, job_id: str, worker: str) -> bool:
         """Mark the job succeeded; False when the lease was lost or the job cancelled."""
 
     @abstractmethod
-    async def fail(self, job_id: str, worker: str, error: str, *, retry_after: float) -> Job | None:
-        """Record a failed attempt: queued again after ``retry_after`` s, or failed for good."""
+    async def fail(
+        self, job_id: str, worker: str, error: str, *, retry_after: float, retry: bool = True
+    ) -> Job | None:
+        """Record a failed attempt: queued again after ``retry_after`` s, or failed for good
+        when attempts are used up or ``retry`` is False (an error no retry can fix)."""
 
     @abstractmethod
     async def cancel(self, workspace: str, job_id: str) -> Job:
@@ -79,3 +97,19 @@ class JobQueue(ABC):
 
     @abstractmethod
     async def get(self, workspace: str, job_id: str) -> Job: ...
+
+    @abstractmethod
+    async def latest(self, workspace: str, recording_id: str) -> Job | None:
+        """The recording's newest job, if it has any."""
+
+    @abstractmethod
+    async def list_for_recording(self, workspace: str, recording_id: str) -> list[Job]:
+        """The recording's jobs, newest first."""
+
+    @abstractmethod
+    async def lease_owners(self) -> set[str]:
+        """The workers that hold a lease now."""
+
+    @abstractmethod
+    async def expire_leases(self, owners: Collection[str]) -> int:
+        """End the leases these workers hold (they are known dead), so others claim at once."""

@@ -7,19 +7,23 @@ lock, and with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL so that workers never wa
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from voxvault.errors import NotFound
+from voxvault.errors import Conflict, NotFound
 from voxvault.jobs.base import Job, JobQueue, JobStatus
 from voxvault.metadata.tables import jobs
 
 LOST_WORKER_ERROR = "the worker running this job stopped responding"
-_COLUMNS = [c for c in jobs.c if c.name not in ("workspace_id", "run_after", "lease_owner")]
+_COLUMNS = [
+    jobs.c.workspace_id.label("workspace"),
+    *(c for c in jobs.c if c.name not in ("workspace_id", "run_after", "lease_owner")),
+]
 
 
 def _utcnow() -> datetime:
@@ -55,6 +59,7 @@ class SqlJobQueue(JobQueue):
             "attempts": 0,
             "max_attempts": max_attempts,
             "progress": 0.0,
+            "stage": None,
             "error": None,
             "payload": payload or {},
             "run_after": now,
@@ -64,17 +69,30 @@ class SqlJobQueue(JobQueue):
             "started_at": None,
             "finished_at": None,
         }
-        async with self.engine.begin() as conn:
-            row = (await conn.execute(jobs.insert().values(**values).returning(*_COLUMNS))).one()
+        try:
+            async with self.engine.begin() as conn:
+                row = (
+                    await conn.execute(jobs.insert().values(**values).returning(*_COLUMNS))
+                ).one()
+        except IntegrityError as exc:
+            if "foreign" in str(exc.orig).lower():
+                raise NotFound(f"no recording {recording_id!r}") from None
+            raise Conflict(
+                f"recording {recording_id!r} already has a queued or running job"
+            ) from None
         return _job(row)
 
-    async def claim(self, worker: str, lease_seconds: float) -> Job | None:
+    async def claim(
+        self, worker: str, lease_seconds: float, *, job_ids: Collection[str] | None = None
+    ) -> Job | None:
         now = self._clock()
         expired = sa.and_(jobs.c.status == JobStatus.RUNNING.value, jobs.c.lease_expires_at < now)
         runnable = sa.or_(
             sa.and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.run_after <= now),
             sa.and_(expired, jobs.c.attempts < jobs.c.max_attempts),
         )
+        if job_ids is not None:
+            runnable = sa.and_(runnable, jobs.c.id.in_(list(job_ids)))
         oldest = sa.select(jobs.c.id).where(runnable).order_by(jobs.c.created_at).limit(1)
         if self._skip_locked:
             oldest = oldest.with_for_update(skip_locked=True)
@@ -115,13 +133,20 @@ class SqlJobQueue(JobQueue):
         )
 
     async def heartbeat(
-        self, job_id: str, worker: str, lease_seconds: float, progress: float | None = None
+        self,
+        job_id: str,
+        worker: str,
+        lease_seconds: float,
+        progress: float | None = None,
+        stage: str | None = None,
     ) -> bool:
         values: dict[str, Any] = {
             "lease_expires_at": self._clock() + timedelta(seconds=lease_seconds)
         }
         if progress is not None:
             values["progress"] = min(1.0, max(0.0, progress))
+        if stage is not None:
+            values["stage"] = stage
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 jobs.update().where(self._held_by(job_id, worker)).values(**values)
@@ -136,6 +161,7 @@ class SqlJobQueue(JobQueue):
                 .values(
                     status=JobStatus.SUCCEEDED.value,
                     progress=1.0,
+                    stage=None,
                     error=None,
                     lease_owner=None,
                     lease_expires_at=None,
@@ -144,9 +170,11 @@ class SqlJobQueue(JobQueue):
             )
         return bool(result.rowcount)
 
-    async def fail(self, job_id: str, worker: str, error: str, *, retry_after: float) -> Job | None:
+    async def fail(
+        self, job_id: str, worker: str, error: str, *, retry_after: float, retry: bool = True
+    ) -> Job | None:
         now = self._clock()
-        retry = jobs.c.attempts < jobs.c.max_attempts
+        again = jobs.c.attempts < jobs.c.max_attempts if retry else sa.false()
         async with self.engine.begin() as conn:
             row = (
                 await conn.execute(
@@ -154,10 +182,10 @@ class SqlJobQueue(JobQueue):
                     .where(self._held_by(job_id, worker))
                     .values(
                         status=sa.case(
-                            (retry, JobStatus.QUEUED.value), else_=JobStatus.FAILED.value
+                            (again, JobStatus.QUEUED.value), else_=JobStatus.FAILED.value
                         ),
                         run_after=now + timedelta(seconds=retry_after),
-                        finished_at=sa.case((retry, None), else_=now),
+                        finished_at=sa.case((again, None), else_=now),
                         error=error[:4000],
                         lease_owner=None,
                         lease_expires_at=None,
@@ -193,3 +221,45 @@ class SqlJobQueue(JobQueue):
         if row is None:
             raise NotFound(f"no job {job_id[:64]!r}", detail={"job_id": job_id[:64]})
         return _job(row)
+
+    async def latest(self, workspace: str, recording_id: str) -> Job | None:
+        jobs_of = await self._of_recording(workspace, recording_id, limit=1)
+        return jobs_of[0] if jobs_of else None
+
+    async def list_for_recording(self, workspace: str, recording_id: str) -> list[Job]:
+        return await self._of_recording(workspace, recording_id, limit=None)
+
+    async def _of_recording(
+        self, workspace: str, recording_id: str, *, limit: int | None
+    ) -> list[Job]:
+        query = (
+            sa.select(*_COLUMNS)
+            .where(jobs.c.recording_id == recording_id, jobs.c.workspace_id == workspace)
+            .order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [_job(row) for row in await conn.execute(query)]
+
+    async def lease_owners(self) -> set[str]:
+        query = (
+            sa.select(jobs.c.lease_owner)
+            .distinct()
+            .where(jobs.c.status == JobStatus.RUNNING.value, jobs.c.lease_owner.is_not(None))
+        )
+        async with self.engine.connect() as conn:
+            return {row.lease_owner for row in await conn.execute(query)}
+
+    async def expire_leases(self, owners: Collection[str]) -> int:
+        if not owners:
+            return 0
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.status == JobStatus.RUNNING.value,
+                    jobs.c.lease_owner.in_(list(owners)),
+                )
+                .values(lease_expires_at=self._clock() - timedelta(seconds=1))
+            )
+        return int(result.rowcount)

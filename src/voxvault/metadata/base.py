@@ -61,8 +61,21 @@ class MetadataStore(ABC):
         tags: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
         status: RecordingStatus | None = None,
+        error: str | None = None,
     ) -> Recording:
-        """Change the given fields (``None`` leaves one as it is) and bump ``updated_at``."""
+        """Change the given fields (``None`` leaves one as it is) and bump ``updated_at``.
+
+        A new ``status`` always replaces ``error`` (with ``None`` unless one is given): the error
+        describes the current failure only.
+        """
+
+    @abstractmethod
+    async def set_playback(self, workspace: str, recording_id: str, sha256: str | None) -> None:
+        """Record (or forget) the playback rendition's checksum; ``NotFound`` when gone."""
+
+    @abstractmethod
+    async def get_playback(self, workspace: str, recording_id: str) -> str | None:
+        """The playback rendition's checksum, or ``None`` when there is none yet."""
 
     @abstractmethod
     async def list_tombstones(self, limit: int = 1000) -> list[tuple[str, str]]:
@@ -76,9 +89,25 @@ class MetadataStore(ABC):
 
     @abstractmethod
     async def add_transcript(
-        self, workspace: str, recording_id: str, transcript: TranscriptInput
+        self,
+        workspace: str,
+        recording_id: str,
+        transcript: TranscriptInput,
+        *,
+        job_id: str | None = None,
+        timings: dict[str, float] | None = None,
     ) -> Transcript:
-        """Store the next version (1, 2, ...) atomically, even under concurrent writers."""
+        """Store the next version (1, 2, ...) atomically, even under concurrent writers.
+
+        With ``job_id``, a job that already stored its transcript gets that one back instead of
+        a new version: a job run twice yields one result.
+        """
+
+    @abstractmethod
+    async def get_job_transcript(
+        self, workspace: str, recording_id: str, job_id: str
+    ) -> Transcript | None:
+        """The transcript the job made, if it made one."""
 
     @abstractmethod
     async def get_transcript(

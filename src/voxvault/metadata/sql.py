@@ -95,12 +95,27 @@ def _utc(value: datetime) -> datetime:
 
 
 # A recording's columns as clients see them (the workspace is the caller's scope, not a field).
-_RECORDING_COLUMNS = [c for c in recordings.c if c.name != "workspace_id"]
+_RECORDING_COLUMNS = [c for c in recordings.c if c.name not in ("workspace_id", "playback_sha256")]
+_TRANSCRIPT_VERSION_COLUMNS = [transcripts.c[name] for name in TranscriptVersion.model_fields]
 _ARTIFACT_COLUMNS = [artifacts.c[name] for name in Artifact.model_fields]
 
 
 def _recording(row: sa.Row[Any]) -> Recording:
     return Recording.model_validate(dict(row._mapping))
+
+
+def _transcript(row: sa.Row[Any]) -> Transcript:
+    return Transcript(
+        recording_id=row.recording_id,
+        version=row.version,
+        language=row.language,
+        segments=[Segment.model_validate(s) for s in row.segments],
+        created_at=row.created_at,
+        engine=row.engine,
+        model=row.model,
+        timings=row.timings or {},
+        job_id=row.job_id,
+    )
 
 
 def _artifact(row: sa.Row[Any]) -> Artifact:
@@ -238,8 +253,11 @@ class SqlMetadataStore(MetadataStore):
         tags: list[str] | None = None,
         metadata: dict[str, Any] | None = None,
         status: RecordingStatus | None = None,
+        error: str | None = None,
     ) -> Recording:
         changes: dict[str, Any] = {"updated_at": datetime.now(UTC)}
+        if status is not None:
+            changes["error"] = None if error is None else error[:4000]
         if title is not None:
             changes["title"] = title
         if tags is not None:
@@ -294,31 +312,66 @@ class SqlMetadataStore(MetadataStore):
             await conn.execute(recordings.delete().where(owned))
         return True
 
+    async def set_playback(self, workspace: str, recording_id: str, sha256: str | None) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                recordings.update()
+                .where(self._visible(workspace), recordings.c.id == recording_id)
+                .values(playback_sha256=sha256)
+            )
+        if result.rowcount == 0:
+            raise NotFound(f"no recording {recording_id!r}", detail={"recording_id": recording_id})
+
+    async def get_playback(self, workspace: str, recording_id: str) -> str | None:
+        query = sa.select(recordings.c.playback_sha256).where(
+            self._visible(workspace), recordings.c.id == recording_id
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            raise NotFound(f"no recording {recording_id!r}", detail={"recording_id": recording_id})
+        sha256: str | None = row.playback_sha256
+        return sha256
+
     # ---- transcripts --------------------------------------------------------------------------
 
     async def add_transcript(
-        self, workspace: str, recording_id: str, transcript: TranscriptInput
+        self,
+        workspace: str,
+        recording_id: str,
+        transcript: TranscriptInput,
+        *,
+        job_id: str | None = None,
+        timings: dict[str, float] | None = None,
     ) -> Transcript:
         created_at = datetime.now(UTC)
         segments = [s.model_dump(exclude_none=True) for s in transcript.segments]
         # The version is computed inside the INSERT, which SQLite runs under its write lock;
         # PostgreSQL serialises writers on the recording's row lock instead.
+        values: dict[str, tuple[Any, sa.types.TypeEngine[Any]]] = {
+            "recording_id": (recording_id, transcripts.c.recording_id.type),
+            "language": (transcript.language, transcripts.c.language.type),
+            "segment_count": (len(segments), transcripts.c.segment_count.type),
+            "segments": (segments, transcripts.c.segments.type),
+            "created_at": (created_at, transcripts.c.created_at.type),
+            "job_id": (job_id, transcripts.c.job_id.type),
+            "engine": (transcript.engine, transcripts.c.engine.type),
+            "model": (transcript.model, transcripts.c.model.type),
+            "timings": (timings, transcripts.c.timings.type),
+        }
         next_version = sa.select(
-            sa.literal(recording_id),
             sa.func.coalesce(sa.func.max(transcripts.c.version), 0) + 1,
-            sa.literal(transcript.language, sa.String),
-            sa.literal(len(segments)),
-            sa.literal(segments, transcripts.c.segments.type),
-            sa.literal(created_at, transcripts.c.created_at.type),
+            *(sa.literal(value, type_) for value, type_ in values.values()),
         ).where(transcripts.c.recording_id == recording_id)
-        columns = ["recording_id", "version", "language", "segment_count", "segments", "created_at"]
         for attempt in range(10):
             try:
                 async with self.engine.begin() as conn:
                     await self._fetch_recording(conn, workspace, recording_id, lock=True)
+                    if job_id is not None and (made := await self._job_transcript(conn, job_id)):
+                        return made
                     result = await conn.execute(
                         transcripts.insert()
-                        .from_select(columns, next_version)
+                        .from_select(["version", *values], next_version)
                         .returning(transcripts.c.version)
                     )
                     version = result.scalar_one()
@@ -331,8 +384,27 @@ class SqlMetadataStore(MetadataStore):
                 language=transcript.language,
                 segments=transcript.segments,
                 created_at=created_at,
+                engine=transcript.engine,
+                model=transcript.model,
+                timings=timings or {},
+                job_id=job_id,
             )
         raise BackendUnavailable("could not allocate a transcript version; try again")
+
+    @staticmethod
+    async def _job_transcript(conn: AsyncConnection, job_id: str) -> Transcript | None:
+        row = (
+            await conn.execute(sa.select(transcripts).where(transcripts.c.job_id == job_id))
+        ).first()
+        return None if row is None else _transcript(row)
+
+    async def get_job_transcript(
+        self, workspace: str, recording_id: str, job_id: str
+    ) -> Transcript | None:
+        async with self.engine.connect() as conn:
+            await self._fetch_recording(conn, workspace, recording_id)
+            made = await self._job_transcript(conn, job_id)
+        return made if made is not None and made.recording_id == recording_id else None
 
     async def get_transcript(
         self, workspace: str, recording_id: str, version: int | None = None
@@ -348,24 +420,13 @@ class SqlMetadataStore(MetadataStore):
         if row is None:
             which = "transcript" if version is None else f"transcript version {version}"
             raise NotFound(f"recording {recording_id!r} has no {which}")
-        return Transcript(
-            recording_id=recording_id,
-            version=row.version,
-            language=row.language,
-            segments=[Segment.model_validate(s) for s in row.segments],
-            created_at=row.created_at,
-        )
+        return _transcript(row)
 
     async def list_transcript_versions(
         self, workspace: str, recording_id: str
     ) -> list[TranscriptVersion]:
         stmt = (
-            sa.select(
-                transcripts.c.version,
-                transcripts.c.language,
-                transcripts.c.segment_count,
-                transcripts.c.created_at,
-            )
+            sa.select(*_TRANSCRIPT_VERSION_COLUMNS)
             .where(transcripts.c.recording_id == recording_id)
             .order_by(transcripts.c.version)
         )

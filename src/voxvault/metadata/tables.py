@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 
 
@@ -73,6 +74,8 @@ recordings = Table(
     Column("metadata", JSON, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+    Column("error", String(4000)),
+    Column("playback_sha256", String(64)),
     Index("ix_recordings_workspace_created", "workspace_id", "created_at", "id"),
 )
 
@@ -105,6 +108,11 @@ transcripts = Table(
     Column("segment_count", Integer, nullable=False),
     Column("segments", JSON, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column("job_id", String(32)),
+    Column("engine", String(64)),
+    Column("model", String(200)),
+    Column("timings", JSON),
+    Index("ux_transcripts_job", "job_id", unique=True),
     UniqueConstraint("recording_id", "version", name="uq_transcripts_recording_version"),
 )
 
@@ -151,4 +159,12 @@ jobs = Table(
     Column("finished_at", UTCDateTime()),
     Index("ix_jobs_status_run_after", "status", "run_after"),
     Index("ix_jobs_recording", "recording_id"),
+    Column("stage", String(32)),
+    Index(
+        "ux_jobs_live_recording",
+        "recording_id",
+        unique=True,
+        sqlite_where=text("status IN ('queued', 'running')"),
+        postgresql_where=text("status IN ('queued', 'running')"),
+    ),
 )

@@ -6,12 +6,12 @@ from voxvault.transcription.base import ProgressCallback, Transcriber, Transcrip
 __all__ = ["ProgressCallback", "Transcriber", "TranscriptionResult", "open_transcriber"]
 
 
-def open_transcriber(settings: Settings) -> Transcriber:
-    """The transcriber the settings name; the model itself loads on first use."""
+def open_transcriber(settings: Settings, *, model: str | None = None) -> Transcriber:
+    """The transcriber the settings name (or ``model``); the model loads on first use."""
     from voxvault.transcription.whisper import FasterWhisperTranscriber
 
     return FasterWhisperTranscriber(
-        settings.whisper_model,
+        model or settings.whisper_model,
         device=settings.whisper_device,
         compute_type=settings.whisper_compute_type,
         beam_size=settings.whisper_beam_size,

@@ -67,6 +67,17 @@ def _json_object(value: Any, field: str) -> dict[str, Any] | None:
     return value
 
 
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise InvalidRequest("transcribe must be true or false")
+
+
 @router.post("", status_code=201, openapi_extra=_UPLOAD_DOC)
 async def upload_recording(
     request: Request,
@@ -75,8 +86,14 @@ async def upload_recording(
     title: str | None = None,
     tag: Annotated[list[str] | None, Query(description="repeat for several tags")] = None,
     metadata: Annotated[str | None, Query(description="a JSON object")] = None,
+    transcribe: Annotated[
+        bool, Query(description="run the transcription pipeline (false: store only)")
+    ] = True,
 ) -> Recording:
-    """Store a recording; it is listed only once its bytes are durable and verified as audio."""
+    """Store a recording; it is listed only once its bytes are durable and verified as audio.
+
+    By default the pipeline is queued at once (status ``queued``); follow it on ``…/events``.
+    """
     size = declared_length(request)
     tags = list(tag or [])
     meta = _json_object(metadata, "metadata")
@@ -98,6 +115,7 @@ async def upload_recording(
             title=form.fields.get("title", title),
             tags=tags,
             metadata=_json_object(form.fields.get("metadata"), "metadata") or meta,
+            transcribe=_flag(form.fields.get("transcribe"), transcribe),
         )
     return await vault.create_recording(
         request.stream(),
@@ -107,6 +125,7 @@ async def upload_recording(
         tags=tags,
         metadata=meta,
         declared_size=size,
+        transcribe=transcribe,
     )
 
 

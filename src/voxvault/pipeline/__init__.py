@@ -1,0 +1,1 @@
+"""The transcription pipeline: its steps and the workers that run them."""
