@@ -18,6 +18,7 @@ import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,6 +66,8 @@ class PipelineRun:
     scratch: Path
     progress: StageProgress = field(default_factory=StageProgress)
     stopped: threading.Event = field(default_factory=threading.Event)
+    keep_lease: Callable[[], Awaitable[bool]] | None = None
+    """Renews the job's lease now; False once the job is no longer this worker's to finish."""
     transcribed: bool = False
     """Whether an earlier run of this job already stored its transcript."""
     source: Path | None = None
@@ -77,6 +80,13 @@ class PipelineRun:
 
     def check_stopped(self) -> None:
         if self.stopped.is_set():
+            raise JobStopped
+
+    async def confirm_held(self) -> None:
+        """Stop unless the job is still ours: checked right before results are written."""
+        self.check_stopped()
+        if self.keep_lease is not None and not await self.keep_lease():
+            self.stopped.set()
             raise JobStopped
 
 
@@ -189,7 +199,7 @@ class Transcribe(Step):
             )
 
         result = await anyio.to_thread.run_sync(transcribe)
-        run.check_stopped()
+        await run.confirm_held()
         run.timings.update({name: round(value, 3) for name, value in result.timings.items()})
         await vault.metadata.add_transcript(
             vault.workspace,

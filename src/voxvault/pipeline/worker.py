@@ -138,6 +138,7 @@ class Worker:
             recording=recording,
             transcriber=self.transcribers(self.settings, job.payload.get("model")),
             scratch=self._scratch(job),
+            keep_lease=lambda: vault.jobs.heartbeat(job.id, self.name, self.settings.job_lease_s),
         )
         steps = pipeline_steps()
         await self._publish(vault, job, "status", RecordingStatus.PROCESSING, 0.0, None)
