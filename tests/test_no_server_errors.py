@@ -26,11 +26,12 @@ from tests.media import riff_declaring, wav_bytes
 from tests.test_bad_input import make_existing, store_state
 from voxvault import Vault
 from voxvault.api import create_app
-from voxvault.api.routers import artifacts, playback, recordings, system, transcripts
+from voxvault.api.routers import artifacts, jobs, playback, recordings, system, transcripts
 
 pytestmark = pytest.mark.anyio
 
 REAL_ID = "{real-id}"  # stands for the live recording's id; filled in when the request is sent
+REAL_JOB = "{real-job}"  # likewise for a job of that recording
 ARTIFACT = "notes.txt"
 BOUNDARY = "fuzz-boundary"
 TRANSCRIPT = {
@@ -61,6 +62,11 @@ TEMPLATES = [
     "/v1/recordings/{recording_id}/artifacts",
     "/v1/recordings/{recording_id}/artifacts/{name:path}",
     "/v1/playback/{recording_id}",
+    "/v1/recordings/{recording_id}/transcribe",
+    "/v1/recordings/{recording_id}/jobs",
+    "/v1/recordings/{recording_id}/events",
+    "/v1/jobs/{job_id}",
+    "/v1/jobs/{job_id}/cancel",
 ]
 
 
@@ -87,6 +93,11 @@ ROUTE_METHODS = [
     ("/v1/recordings/{recording_id}/artifacts/{name:path}", "DELETE"),
     ("/v1/playback/{recording_id}", "GET"),
     ("/v1/playback/{recording_id}", "HEAD"),
+    ("/v1/recordings/{recording_id}/transcribe", "POST"),
+    ("/v1/recordings/{recording_id}/jobs", "GET"),
+    ("/v1/recordings/{recording_id}/events", "GET"),
+    ("/v1/jobs/{job_id}", "GET"),
+    ("/v1/jobs/{job_id}/cancel", "POST"),
 ]
 
 
@@ -94,7 +105,7 @@ def test_the_templates_are_the_apps_routes() -> None:
     """The fuzzer aims at every route the app has, and only at those."""
     declared = {
         (route.path, method)
-        for module in (system, recordings, transcripts, artifacts, playback)
+        for module in (system, recordings, jobs, transcripts, artifacts, playback)
         for route in module.router.routes
         for method in route.methods
     }
@@ -142,6 +153,7 @@ LIKELY_SEGMENTS = {
     "{recording_id}": st.just(REAL_ID),
     "{fmt}": st.sampled_from(["json", "srt", "vtt", "txt", "md"]),
     "{name:path}": st.just(ARTIFACT),
+    "{job_id}": st.just(REAL_JOB),
 }
 
 
@@ -158,7 +170,7 @@ def segments(draw: st.DrawFn, placeholder: str) -> str:
             st.text("0123456789abcdef", min_size=31, max_size=33),
         )
     )
-    if raw == REAL_ID:
+    if raw in (REAL_ID, REAL_JOB):
         return raw
     # Percent-encode like a client would, but sometimes leave '%' or '/' alone so that
     # hand-written escapes and extra path levels get through too.
@@ -181,6 +193,7 @@ QUERY_KEYS = [
     "ws",
     "expires",
     "signature",
+    "transcribe",
 ]
 QUERY_VALUES = [
     "",
@@ -352,6 +365,7 @@ JSON_VALUES = st.recursive(
                     "text",
                     "words",
                     "language",
+                    "model",
                     "x",
                 ]
             ),
@@ -418,6 +432,7 @@ def fuzz_requests(draw: st.DrawFn) -> FuzzRequest:
 class LiveStore:
     client: httpx.AsyncClient
     recording_id: str = ""
+    job_id: str = ""
     etag: str = ""
 
     async def ensure_populated(self) -> None:
@@ -434,6 +449,15 @@ class LiveStore:
             assert created.status_code == 201, created.text
             self.recording_id = created.json()["id"]
             self.etag = f'"{created.json()["sha256"]}"'
+            self.job_id = ""
+        # No worker runs here: cancel whatever a request queued, so that the recording stays
+        # settled and its event stream ends at once instead of waiting for progress.
+        listed = await self.client.get(f"/v1/recordings/{self.recording_id}/jobs")
+        for job in listed.json()["items"]:
+            self.job_id = self.job_id or job["id"]
+            if job["status"] in ("queued", "running"):
+                cancel = await self.client.post(f"/v1/jobs/{job['id']}/cancel")
+                assert cancel.status_code == 200, cancel.text
         transcript = f"/v1/recordings/{self.recording_id}/transcript"
         if (await self.client.get(transcript)).status_code == 404:
             assert (await self.client.put(transcript, json=TRANSCRIPT)).status_code == 201
@@ -470,7 +494,7 @@ def _describe(request: FuzzRequest, url: str, response: httpx.Response) -> str:
 @given(request=fuzz_requests())
 async def test_no_request_produces_a_server_error(store: LiveStore, request: FuzzRequest) -> None:
     await store.ensure_populated()
-    path = request.path.replace(REAL_ID, store.recording_id)
+    path = request.path.replace(REAL_ID, store.recording_id).replace(REAL_JOB, store.job_id)
     query = request.query
     if request.signed:
         link = await store.client.get(f"/v1/recordings/{store.recording_id}/playback")
