@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import pytest
@@ -13,18 +15,22 @@ import pytest
 from voxvault.errors import InvalidRequest, NotFound
 from voxvault.metadata import DEFAULT_WORKSPACE, MetadataStore
 from voxvault.metadata.sql import SqlMetadataStore
+from voxvault.metadata.tables import workspaces
 from voxvault.models import (
     Artifact,
     Recording,
     RecordingQuery,
     RecordingStatus,
     Segment,
+    Transcript,
     TranscriptInput,
 )
 
 pytestmark = pytest.mark.anyio
 WS = DEFAULT_WORKSPACE
+OTHER_WS = "other"
 BASE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
+T = TypeVar("T")
 
 
 @pytest.fixture(params=["sqlite"])
@@ -34,6 +40,16 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await opened.migrate()
     yield opened
     await opened.close()
+
+
+async def add_workspace(store: MetadataStore, workspace: str) -> None:
+    """A second workspace with rows of its own (the port has no method to create one)."""
+    if not isinstance(store, SqlMetadataStore):  # pragma: no cover - the only adapter today
+        raise NotImplementedError(f"no way to add a workspace to {type(store).__name__}")
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            workspaces.insert().values(id=workspace, name=workspace, created_at=BASE_TIME)
+        )
 
 
 def make_recording(minutes: int = 0, tags: list[str] | None = None, **changes: object) -> Recording:
@@ -57,6 +73,26 @@ def make_recording(minutes: int = 0, tags: list[str] | None = None, **changes: o
     }
     fields.update(changes)
     return Recording.model_validate(fields)
+
+
+async def concurrently(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T | Exception]:
+    """Start the calls at once and return each one's result or error, in order.
+
+    One call's error does not cancel the others: a database call cancelled half way can leave
+    the event loop unable to close, so a broken store would hang the suite instead of failing it.
+    """
+    outcomes: list[T | Exception | None] = [None] * len(calls)
+
+    async def run(i: int) -> None:
+        try:
+            outcomes[i] = await calls[i]()
+        except Exception as exc:
+            outcomes[i] = exc
+
+    async with anyio.create_task_group() as group:
+        for i in range(len(calls)):
+            group.start_soon(run, i)
+    return [o for o in outcomes if o is not None]
 
 
 def transcript(*texts: str) -> TranscriptInput:
@@ -287,3 +323,201 @@ async def test_migrate_is_idempotent_and_check_passes(store: MetadataStore) -> N
     await store.check()
     assert (await store.get_recording(WS, recording.id)).id == recording.id
     assert store.describe()["backend"]
+
+
+# ---- pipeline results: error, playback rendition, where a transcript came from ------------------
+
+
+async def test_a_new_status_always_replaces_the_error(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    assert (await store.get_recording(WS, recording.id)).error is None
+    failed = await store.update_recording(
+        WS, recording.id, status=RecordingStatus.FAILED, error="decoder crashed"
+    )
+    assert (failed.status, failed.error) == (RecordingStatus.FAILED, "decoder crashed")
+    renamed = await store.update_recording(WS, recording.id, title="renamed")
+    assert (renamed.title, renamed.error) == ("renamed", "decoder crashed")  # no status: kept
+    again = await store.update_recording(
+        WS, recording.id, status=RecordingStatus.FAILED, error="out of memory"
+    )
+    assert again.error == "out of memory"
+    queued = await store.update_recording(WS, recording.id, status=RecordingStatus.QUEUED)
+    assert (queued.status, queued.error) == (RecordingStatus.QUEUED, None)
+    await store.update_recording(WS, recording.id, status=RecordingStatus.FAILED, error="boom")
+    bare = await store.update_recording(WS, recording.id, status=RecordingStatus.FAILED)
+    assert bare.error is None  # the old failure's error does not outlive the new status
+    assert (await store.get_recording(WS, recording.id)).error is None
+    listed = (await store.list_recordings(WS, RecordingQuery())).items
+    assert [(r.id, r.error) for r in listed] == [(recording.id, None)]
+
+
+async def test_playback_checksum_is_recorded_and_forgotten(store: MetadataStore) -> None:
+    recording, other = make_recording(), make_recording()
+    for made in (recording, other):
+        await store.insert_recording(WS, made)
+    assert await store.get_playback(WS, recording.id) is None
+    await store.set_playback(WS, recording.id, "a" * 64)
+    assert await store.get_playback(WS, recording.id) == "a" * 64
+    assert await store.get_playback(WS, other.id) is None
+    await store.set_playback(WS, recording.id, "b" * 64)
+    assert await store.get_playback(WS, recording.id) == "b" * 64
+    await store.set_playback(WS, recording.id, None)
+    assert await store.get_playback(WS, recording.id) is None
+    unknown = uuid.uuid4().hex
+    with pytest.raises(NotFound):
+        await store.set_playback(WS, unknown, "a" * 64)
+    with pytest.raises(NotFound):
+        await store.get_playback(WS, unknown)
+
+
+async def test_playback_of_a_recording_being_deleted_is_not_found(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    await store.set_playback(WS, recording.id, "a" * 64)
+    await store.update_recording(WS, recording.id, status=RecordingStatus.DELETING)
+    with pytest.raises(NotFound):
+        await store.get_playback(WS, recording.id)
+    with pytest.raises(NotFound):
+        await store.set_playback(WS, recording.id, "b" * 64)
+
+
+async def test_playback_is_scoped_to_the_workspace(store: MetadataStore) -> None:
+    await add_workspace(store, OTHER_WS)
+    mine, theirs = make_recording(), make_recording()
+    await store.insert_recording(WS, mine)
+    await store.insert_recording(OTHER_WS, theirs)
+    await store.set_playback(WS, mine.id, "a" * 64)
+    await store.set_playback(OTHER_WS, theirs.id, "c" * 64)
+    with pytest.raises(NotFound):
+        await store.get_playback(OTHER_WS, mine.id)
+    with pytest.raises(NotFound):
+        await store.set_playback(OTHER_WS, mine.id, "b" * 64)
+    with pytest.raises(NotFound):
+        await store.get_playback(WS, theirs.id)
+    with pytest.raises(NotFound):
+        await store.set_playback(WS, theirs.id, None)
+    assert await store.get_playback(WS, mine.id) == "a" * 64
+    assert await store.get_playback(OTHER_WS, theirs.id) == "c" * 64
+
+
+async def test_a_transcript_keeps_its_engine_model_timings_and_job(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    job_id = uuid.uuid4().hex
+    given = transcript("hello").model_copy(update={"engine": "faster-whisper", "model": "tiny.en"})
+    timings = {"decode": 0.25, "transcribe": 1.5}
+    made = await store.add_transcript(WS, recording.id, given, job_id=job_id, timings=timings)
+    assert (made.version, made.engine, made.model, made.timings, made.job_id) == (
+        1,
+        "faster-whisper",
+        "tiny.en",
+        timings,
+        job_id,
+    )
+    plain = await store.add_transcript(WS, recording.id, transcript("typed by hand"))
+    assert (plain.version, plain.engine, plain.model, plain.timings, plain.job_id) == (
+        2,
+        None,
+        None,
+        {},
+        None,
+    )
+    stored = await store.get_transcript(WS, recording.id, 1)
+    assert stored == made
+    assert await store.get_transcript(WS, recording.id) == plain
+    versions = await store.list_transcript_versions(WS, recording.id)
+    assert [(v.version, v.engine, v.model, v.job_id) for v in versions] == [
+        (1, "faster-whisper", "tiny.en", job_id),
+        (2, None, None, None),
+    ]
+
+
+async def test_a_job_stores_one_transcript_however_often_it_runs(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    job_id = uuid.uuid4().hex
+    first = await store.add_transcript(
+        WS, recording.id, transcript("first run"), job_id=job_id, timings={"transcribe": 1.0}
+    )
+    rerun = await store.add_transcript(
+        WS, recording.id, transcript("second", "run"), job_id=job_id, timings={"transcribe": 9.0}
+    )
+    assert rerun == first  # the stored result, not the rerun's
+    assert [s.text for s in rerun.segments] == ["first run"]
+    assert [v.version for v in await store.list_transcript_versions(WS, recording.id)] == [1]
+    other_job = await store.add_transcript(
+        WS, recording.id, transcript("another job"), job_id=uuid.uuid4().hex
+    )
+    assert other_job.version == 2
+    assert (await store.add_transcript(WS, recording.id, transcript("manual"))).version == 3
+
+
+async def test_get_job_transcript_finds_what_the_job_made(store: MetadataStore) -> None:
+    await add_workspace(store, OTHER_WS)
+    recording, sibling, theirs = make_recording(), make_recording(), make_recording()
+    await store.insert_recording(WS, recording)
+    await store.insert_recording(WS, sibling)
+    await store.insert_recording(OTHER_WS, theirs)
+    job_id = uuid.uuid4().hex
+    assert await store.get_job_transcript(WS, recording.id, job_id) is None
+    await store.add_transcript(WS, recording.id, transcript("before"))
+    made = await store.add_transcript(WS, recording.id, transcript("by the job"), job_id=job_id)
+    await store.add_transcript(WS, recording.id, transcript("after"))
+    found = await store.get_job_transcript(WS, recording.id, job_id)
+    assert found == made
+    assert found is not None
+    assert (found.version, [s.text for s in found.segments]) == (2, ["by the job"])
+    assert await store.get_job_transcript(WS, recording.id, uuid.uuid4().hex) is None
+    assert await store.get_job_transcript(WS, sibling.id, job_id) is None  # another recording's
+    with pytest.raises(NotFound):
+        await store.get_job_transcript(OTHER_WS, recording.id, job_id)
+    with pytest.raises(NotFound):
+        await store.get_job_transcript(WS, uuid.uuid4().hex, job_id)
+    await store.update_recording(WS, recording.id, status=RecordingStatus.DELETING)
+    with pytest.raises(NotFound):
+        await store.get_job_transcript(WS, recording.id, job_id)
+
+
+async def test_concurrent_adds_by_one_job_yield_one_version(store: MetadataStore) -> None:
+    for _ in range(5):  # several rounds, since one round need not make the writers collide
+        recording = make_recording()
+        await store.insert_recording(WS, recording)
+        job_id = uuid.uuid4().hex
+        outcomes = await concurrently(
+            [
+                partial(store.add_transcript, WS, recording.id, transcript(str(i)), job_id=job_id)
+                for i in range(10)
+            ]
+        )
+        results = [o for o in outcomes if isinstance(o, Transcript)]
+        assert len(results) == 10, outcomes
+        assert {(r.version, r.job_id) for r in results} == {(1, job_id)}
+        assert len({r.segments[0].text for r in results}) == 1  # all got the one stored
+        versions = await store.list_transcript_versions(WS, recording.id)
+        assert [(v.version, v.job_id) for v in versions] == [(1, job_id)]
+        assert await store.get_job_transcript(WS, recording.id, job_id) == results[0]
+
+
+async def test_concurrent_adds_by_distinct_jobs_yield_distinct_versions(
+    store: MetadataStore,
+) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    job_ids = [uuid.uuid4().hex for _ in range(10)]
+    outcomes = await concurrently(
+        [
+            partial(store.add_transcript, WS, recording.id, transcript(job_id), job_id=job_id)
+            for job_id in job_ids
+        ]
+    )
+    results = [o for o in outcomes if isinstance(o, Transcript)]
+    assert len(results) == 10, outcomes
+    made = {r.job_id: r.version for r in results}
+    assert sorted(made.values()) == list(range(1, 11))
+    versions = await store.list_transcript_versions(WS, recording.id)
+    assert {v.job_id: v.version for v in versions} == made
+    for job_id in job_ids:
+        found = await store.get_job_transcript(WS, recording.id, job_id)
+        assert found is not None
+        assert (found.version, found.segments[0].text) == (made[job_id], job_id)
