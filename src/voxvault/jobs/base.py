@@ -78,7 +78,8 @@ class JobQueue(ABC):
         stage: str | None = None,
     ) -> bool:
         """Extend the lease (and record progress); False when this worker no longer holds the
-        job: it was cancelled, its recording deleted, or its lease expired (stop working)."""
+        job: it was cancelled, its recording deleted, or another worker claimed it after the
+        lease expired (stop working). A late heartbeat before any reclaim keeps the job."""
 
     @abstractmethod
     async def complete(self, job_id: str, worker: str) -> bool:

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from voxvault.errors import Conflict, NotFound
 from voxvault.jobs.base import Job, JobQueue, JobStatus
-from voxvault.metadata.tables import jobs
+from voxvault.metadata.tables import jobs, recordings
 
 LOST_WORKER_ERROR = "the worker running this job stopped responding"
 _COLUMNS = [
@@ -69,8 +69,13 @@ class SqlJobQueue(JobQueue):
             "started_at": None,
             "finished_at": None,
         }
+        owned = sa.select(recordings.c.id).where(
+            recordings.c.id == recording_id, recordings.c.workspace_id == workspace
+        )
         try:
             async with self.engine.begin() as conn:
+                if (await conn.execute(owned)).first() is None:
+                    raise NotFound(f"no recording {recording_id!r}")
                 row = (
                     await conn.execute(jobs.insert().values(**values).returning(*_COLUMNS))
                 ).one()

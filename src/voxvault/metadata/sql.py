@@ -24,7 +24,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from voxvault.errors import BackendUnavailable, ConfigurationError, InvalidRequest, NotFound
+from voxvault.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+)
 from voxvault.metadata.base import MetadataStore
 from voxvault.metadata.tables import artifacts, jobs, recording_tags, recordings, transcripts
 from voxvault.models import (
@@ -368,6 +374,8 @@ class SqlMetadataStore(MetadataStore):
                 async with self.engine.begin() as conn:
                     await self._fetch_recording(conn, workspace, recording_id, lock=True)
                     if job_id is not None and (made := await self._job_transcript(conn, job_id)):
+                        if made.recording_id != recording_id:
+                            raise Conflict(f"job {job_id!r} belongs to another recording")
                         return made
                     result = await conn.execute(
                         transcripts.insert()
