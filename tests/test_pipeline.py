@@ -76,6 +76,41 @@ def flac_silence(seconds: int, rate: int = 8000) -> bytes:
     return buffer.getvalue()
 
 
+def speech_video(wav: bytes, container: str = "mp4") -> bytes:
+    """The speech as the audio track of a small video (MPEG-4 video + AAC, or VP8 + Opus)."""
+    samples = np.frombuffer(wav[44:], dtype=np.int16)
+    rate = 48000 if container == "webm" else 16000
+    video_codec, audio_codec = ("libvpx", "libopus") if container == "webm" else ("mpeg4", "aac")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container) as out:
+        video = out.add_stream(video_codec, rate=2)
+        assert isinstance(video, av.VideoStream)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream(audio_codec, rate=rate)
+        assert isinstance(audio, av.AudioStream)
+        for index in range(int(len(samples) / 16000 * 2) + 1):
+            frame = av.VideoFrame.from_ndarray(
+                np.full((48, 64, 3), index * 30 % 255, dtype=np.uint8), format="rgb24"
+            )
+            frame.pts = index
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+        source = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        source.sample_rate, source.pts = 16000, 0
+        resampler = av.AudioResampler(
+            format=audio.codec_context.format, layout="mono", rate=rate,
+            frame_size=audio.codec_context.frame_size or 1024,
+        )  # fmt: skip
+        for frame in [*resampler.resample(source), *resampler.resample(None)]:
+            for packet in audio.encode(frame):
+                out.mux(packet)
+        for packet in audio.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
+
+
 def words_of(text: str) -> set[str]:
     return {w.strip(".,!?").lower() for w in text.split()}
 
@@ -171,6 +206,20 @@ async def test_no_speech_ends_ready_with_an_empty_transcript(vault: Vault, audio
     transcript = await vault.get_transcript(recording_id)
     assert transcript.segments == []
     assert sorted(a.name for a in await vault.list_artifacts(recording_id)) == TRANSCRIPT_FILES
+
+
+@pytest.mark.parametrize("container", ["mp4", "webm"])
+async def test_a_video_is_transcribed_from_its_audio_track(
+    vault: Vault, speech: bytes, container: str
+) -> None:
+    recording_id = await store(vault, speech_video(speech, container), f"talk.{container}")
+    recording = await vault.get_recording(recording_id)
+    assert recording.content_type.startswith("video/")
+    job = await run_job(vault)
+    assert job.status is JobStatus.SUCCEEDED, job.error
+    transcript = await vault.get_transcript(recording_id)
+    assert {"fox", "lazy", "dog"} <= words_of(" ".join(s.text for s in transcript.segments))
+    assert (await vault.open_playback(recording_id)).content_type == "audio/ogg; codecs=opus"
 
 
 async def test_transcribe_false_stores_only(vault: Vault) -> None:
@@ -443,3 +492,16 @@ async def test_jobs_api_and_bad_transcribe_requests(client: httpx.AsyncClient) -
         assert (await client.post(f"{path}/cancel")).status_code == 404
     assert (await client.post(f"/v1/recordings/{'0' * 32}/transcribe")).status_code == 404
     assert (await client.get(f"/v1/recordings/{'0' * 32}/events")).status_code == 404
+
+
+async def test_an_unavailable_model_fails_the_job_once_with_a_clear_error(
+    vault: Vault, speech: bytes
+) -> None:
+    recording_id = await store(vault, speech, transcribe=False)
+    await vault.transcribe(recording_id, {"model": "voxvault-test/no-such-model"})
+    job = await run_job(vault)
+    assert (job.status, job.attempts) == (JobStatus.FAILED, 1)
+    recording = await vault.get_recording(recording_id)
+    assert recording.status is RecordingStatus.FAILED
+    assert recording.error is not None
+    assert "voxvault-test/no-such-model" in recording.error

@@ -45,8 +45,10 @@ log = logging.getLogger("voxvault.worker")
 IDLE_POLL_SECONDS = 2.0
 PROGRESS_EVERY_SECONDS = 0.5
 HEARTBEAT_MAX_SECONDS = 2.0
-# Errors no retry can fix: the media itself is the problem.
-_PERMANENT_CODES = frozenset({"unsupported_media", "media_limit_exceeded", "validation_failed"})
+# Errors no retry can fix: the media itself, or the model asked for, is the problem.
+_PERMANENT_CODES = frozenset(
+    {"unsupported_media", "media_limit_exceeded", "validation_failed", "configuration_error"}
+)
 
 _PROCESS_TOKEN = secrets.token_hex(4)
 TranscriberFactory = Callable[[Settings, str | None], Transcriber]
