@@ -89,11 +89,11 @@ def speech_video(wav: bytes, container: str = "mp4") -> bytes:
         audio = out.add_stream(audio_codec, rate=rate)
         assert isinstance(audio, av.AudioStream)
         for index in range(int(len(samples) / 16000 * 2) + 1):
-            frame = av.VideoFrame.from_ndarray(
+            image = av.VideoFrame.from_ndarray(
                 np.full((48, 64, 3), index * 30 % 255, dtype=np.uint8), format="rgb24"
             )
-            frame.pts = index
-            for packet in video.encode(frame):
+            image.pts = index
+            for packet in video.encode(image):
                 out.mux(packet)
         for packet in video.encode(None):
             out.mux(packet)
@@ -103,8 +103,8 @@ def speech_video(wav: bytes, container: str = "mp4") -> bytes:
             format=audio.codec_context.format, layout="mono", rate=rate,
             frame_size=audio.codec_context.frame_size or 1024,
         )  # fmt: skip
-        for frame in [*resampler.resample(source), *resampler.resample(None)]:
-            for packet in audio.encode(frame):
+        for chunk in [*resampler.resample(source), *resampler.resample(None)]:
+            for packet in audio.encode(chunk):
                 out.mux(packet)
         for packet in audio.encode(None):
             out.mux(packet)
