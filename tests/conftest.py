@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -71,7 +71,9 @@ def free_port() -> int:
 class LiveServer:
     """``voxvault serve`` in a child process, as a user would run it."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, env: dict[str, str] | None = None, args: Sequence[str] = ()
+    ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -85,6 +87,7 @@ class LiveServer:
             str(self.port),
             "--log-level",
             "warning",
+            *args,
         ]
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
