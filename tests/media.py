@@ -121,7 +121,8 @@ def speak(text: str, path: Path, *, rate: int = 16000, words_per_minute: int = 1
         capture_output=True,
     )
     subprocess.run(
-        ["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)],
+        # -D: no dither, so the same text always makes the same bytes (and the same transcript).
+        ["sox", "-D", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)],
         check=True,
         capture_output=True,
     )

@@ -313,11 +313,6 @@ def test_a_late_subscriber_gets_one_snapshot_and_the_stream_closes(
         }
 
 
-@pytest.mark.xfail(
-    reason="Vault.watch sends nothing when Last-Event-ID is still retained but the recording "
-    "has settled meanwhile: the replayed events, ready included, are never read",
-    strict=True,
-)
 def test_resuming_after_the_end_still_says_ready(finished_run: FinishedRun) -> None:
     mid_run = next(e.id for e in finished_run.events if e.id and e["status"] == "processing")
     events = read_events(finished_run.url, finished_run.recording_id, last_event_id=mid_run)

@@ -703,9 +703,11 @@ class Vault:
             type="snapshot",
             status=recording.status.value,
             stage=latest.stage if latest and running else None,
+            # The job's own figure even once it finished: a snapshot read between the job's
+            # end and the recording's status change must not show progress going back.
             progress=1.0
             if recording.status is RecordingStatus.READY
-            else (latest.progress if latest and running else 0.0),
+            else (latest.progress if latest else 0.0),
             job_id=latest.id if latest else None,
             error=recording.error,
         )
@@ -728,7 +730,14 @@ class Vault:
             except NotFound:
                 yield None, ProgressEvent(type="deleted", status=RecordingStatus.DELETING.value)
                 return
-            if not subscription.resumed:  # a resumed stream replays what it missed instead
+            if subscription.resumed:  # replay what the client missed, then go on live
+                replayed = None
+                while (missed := await subscription.next(timeout=0)) is not None:
+                    replayed = missed[1]
+                    yield missed
+                if replayed is None or replayed.status != current.status:
+                    yield None, current  # the stores are ahead of what was replayed
+            else:
                 yield None, current
             while RecordingStatus(current.status) not in SETTLED:
                 received = await subscription.next(timeout=STATE_POLL_SECONDS)
