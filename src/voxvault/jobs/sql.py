@@ -34,6 +34,18 @@ def _job(row: sa.Row[Any]) -> Job:
     return Job.model_validate(dict(row._mapping))
 
 
+def _violates_foreign_key(exc: IntegrityError) -> bool:
+    """A missing parent row rather than a duplicate, told by the engine's error code: PostgreSQL
+    translates its messages into the server's language."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)  # psycopg
+    if sqlstate is not None:
+        return bool(sqlstate == "23503")  # foreign_key_violation
+    sqlite_error = getattr(exc.orig, "sqlite_errorname", None)
+    if sqlite_error is not None:
+        return bool(sqlite_error == "SQLITE_CONSTRAINT_FOREIGNKEY")
+    return "foreign" in str(exc.orig).lower()
+
+
 class SqlJobQueue(JobQueue):
     def __init__(self, engine: AsyncEngine, *, clock: Callable[[], datetime] = _utcnow) -> None:
         self.engine = engine
@@ -80,7 +92,7 @@ class SqlJobQueue(JobQueue):
                     await conn.execute(jobs.insert().values(**values).returning(*_COLUMNS))
                 ).one()
         except IntegrityError as exc:
-            if "foreign" in str(exc.orig).lower():
+            if _violates_foreign_key(exc):  # the recording went away after the check above
                 raise NotFound(f"no recording {recording_id!r}") from None
             raise Conflict(
                 f"recording {recording_id!r} already has a queued or running job"

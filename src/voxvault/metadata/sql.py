@@ -75,6 +75,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_explicit_transactions(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite would run DDL outside of any transaction; BEGIN is issued by the "begin" hook.
+    dbapi_connection.isolation_level = None
+
+
+def _sqlite_begin_immediate(connection: sa.Connection) -> None:
+    # The write lock for the whole migration: processes started together migrate one after
+    # another (waiting up to the busy timeout), and a later one finds nothing left to do.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def encode_cursor(created_at: datetime, recording_id: str) -> str:
     raw = json.dumps([created_at.isoformat(), recording_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -158,6 +169,8 @@ class SqlMetadataStore(MetadataStore):
             engine = sa.create_engine(self._sync_url)
             if self.dialect == "sqlite":
                 event.listen(engine, "connect", _sqlite_pragmas)
+                event.listen(engine, "connect", _sqlite_explicit_transactions)
+                event.listen(engine, "begin", _sqlite_begin_immediate)
             try:
                 with engine.begin() as connection:
                     config = Config()
@@ -449,7 +462,8 @@ class SqlMetadataStore(MetadataStore):
         key = sa.and_(artifacts.c.recording_id == recording_id, artifacts.c.name == artifact.name)
         fields = artifact.model_dump(exclude={"name", "created_at"})
         async with self.engine.begin() as conn:
-            await self._fetch_recording(conn, workspace, recording_id)
+            # Locked, so that two upserts of one name cannot both find it missing and insert.
+            await self._fetch_recording(conn, workspace, recording_id, lock=True)
             replaced = await conn.execute(
                 artifacts.update().where(key).values(updated_at=artifact.created_at, **fields)
             )
