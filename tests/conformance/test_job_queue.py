@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -17,6 +18,7 @@ from tests.conformance.test_metadata_store import (
     concurrently,
     make_recording,
 )
+from tests.postgres import postgres_database
 from voxvault.errors import Conflict, NotFound
 from voxvault.jobs import Job, JobQueue, JobStatus
 from voxvault.jobs.sql import LOST_WORKER_ERROR, SqlJobQueue
@@ -53,17 +55,23 @@ class Harness:
         return recording.id
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     clock = Clock()
-    if request.param == "sqlite":
-        metadata = SqlMetadataStore(f"sqlite:///{tmp_path / 'jobs.db'}")
-        await metadata.migrate()
-        queue: JobQueue = SqlJobQueue(metadata.engine, clock=clock)
-    recording = make_recording()
-    await metadata.insert_recording(WS, recording)
-    yield Harness(queue, clock, metadata, recording.id)
-    await metadata.close()
+    with ExitStack() as cleanup:
+        if request.param == "sqlite":
+            metadata = SqlMetadataStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+            queue: JobQueue = SqlJobQueue(metadata.engine, clock=clock)
+        elif request.param == "postgresql":
+            metadata = SqlMetadataStore(cleanup.enter_context(postgres_database()))
+            queue = SqlJobQueue(metadata.engine, clock=clock)
+        try:
+            await metadata.migrate()
+            recording = make_recording()
+            await metadata.insert_recording(WS, recording)
+            yield Harness(queue, clock, metadata, recording.id)
+        finally:
+            await metadata.close()
 
 
 async def test_enqueue_then_claim_runs_the_oldest_first(harness: Harness) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import TypeVar
 import anyio
 import pytest
 
+from tests.postgres import postgres_database
 from voxvault.errors import InvalidRequest, NotFound
 from voxvault.metadata import DEFAULT_WORKSPACE, MetadataStore
 from voxvault.metadata.sql import SqlMetadataStore
@@ -33,13 +35,18 @@ BASE_TIME = datetime(2026, 1, 1, tzinfo=UTC)
 T = TypeVar("T")
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataStore]:
-    if request.param == "sqlite":
-        opened: MetadataStore = SqlMetadataStore(f"sqlite:///{tmp_path / 'meta.db'}")
-    await opened.migrate()
-    yield opened
-    await opened.close()
+    with ExitStack() as cleanup:
+        if request.param == "sqlite":
+            opened: MetadataStore = SqlMetadataStore(f"sqlite:///{tmp_path / 'meta.db'}")
+        elif request.param == "postgresql":
+            opened = SqlMetadataStore(cleanup.enter_context(postgres_database()))
+        try:
+            await opened.migrate()
+            yield opened
+        finally:
+            await opened.close()
 
 
 async def add_workspace(store: MetadataStore, workspace: str) -> None:
@@ -285,6 +292,33 @@ async def test_artifacts_upsert_list_delete(store: MetadataStore) -> None:
         await store.get_artifact(WS, recording.id, "a.srt")
     with pytest.raises(NotFound):
         await store.upsert_artifact(WS, uuid.uuid4().hex, first)
+
+
+async def test_concurrent_upserts_of_one_artifact_leave_one_of_them(store: MetadataStore) -> None:
+    recording = make_recording()
+    await store.insert_recording(WS, recording)
+    for name in ("a.json", "b.json", "c.json"):  # several rounds, since one need not collide
+        given = [
+            Artifact(
+                name=name,
+                content_type="application/json",
+                size_bytes=i,
+                sha256=f"{i:064x}",
+                created_at=BASE_TIME + timedelta(seconds=i),
+            )
+            for i in range(1, 9)
+        ]
+        errors = await concurrently(
+            [partial(store.upsert_artifact, WS, recording.id, artifact) for artifact in given]
+        )
+        assert errors == []  # each upsert returns None, so only errors are left
+        got = await store.get_artifact(WS, recording.id, name)
+        assert got.sha256 == f"{got.size_bytes:064x}"  # one upsert's fields, not a mix
+    assert [a.name for a in await store.list_artifacts(WS, recording.id)] == [
+        "a.json",
+        "b.json",
+        "c.json",
+    ]
 
 
 async def test_purge_removes_the_recording_and_everything_of_it(store: MetadataStore) -> None:
