@@ -135,6 +135,8 @@ class SqlJobQueue(JobQueue):
                         attempts=jobs.c.attempts + 1,
                         lease_owner=worker,
                         lease_expires_at=now + timedelta(seconds=lease_seconds),
+                        progress=0.0,  # each attempt starts over
+                        stage=None,
                         started_at=sa.func.coalesce(jobs.c.started_at, now),
                     )
                     .returning(*_COLUMNS)
