@@ -228,8 +228,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def voxvault_server(data_dir: Path, log_path: Path) -> Iterator[Server]:
-    """``voxvault serve`` on a free 127.0.0.1 port, as a user would run it; up when yielded."""
+def voxvault_server(
+    data_dir: Path, log_path: Path, *, serve_args: Sequence[str] = ()
+) -> Iterator[Server]:
+    """``voxvault serve [serve_args]`` on a free 127.0.0.1 port, as a user would run it; up
+    when yielded."""
     port = free_port()
     argv = [
         str(VOXVAULT),
@@ -242,6 +245,7 @@ def voxvault_server(data_dir: Path, log_path: Path) -> Iterator[Server]:
         str(port),
         "--log-level",
         "warning",
+        *serve_args,
     ]
     with managed_process(argv, log_path=log_path) as proc:
         wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, log_path)
@@ -277,6 +281,27 @@ def proc_status_bytes(pid: int, field: str) -> int:
                 raise BenchError(f"unexpected unit {unit!r} for {field}")
             return int(amount) * 1024
     raise BenchError(f"/proc/{pid}/status has no {field}")
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds of process ``pid`` (all its threads) and of its children it has waited for."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # Counting from the state (field 3 of proc(5)): utime, stime, cutime, cstime are 14-17.
+    ticks = sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_quiet(
+    pid: int, *, below_cores: float = 0.1, interval_s: float = 0.3, timeout_s: float = 60.0
+) -> None:
+    """Wait until process ``pid`` uses less than ``below_cores`` of a CPU over ``interval_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = process_cpu_s(pid)
+        time.sleep(interval_s)
+        if process_cpu_s(pid) - before < below_cores * interval_s:
+            return
+    raise BenchError(f"process {pid} was still busy after {timeout_s:.0f} s")
 
 
 def require_tools(*names: str) -> None:
@@ -349,6 +374,7 @@ class Machine:
     nginx: str
     curl: str
     wrk: str
+    speech: str
 
 
 def describe_machine() -> Machine:
@@ -373,6 +399,11 @@ def describe_machine() -> Machine:
         nginx=_first_line([str(NGINX), "-v"]).removeprefix("nginx version: "),
         curl=" ".join(_first_line(["curl", "--version"]).split()[:2]),
         wrk=_first_line(["wrk", "-v"]).split(" Copyright")[0],
+        speech=(
+            f"faster-whisper {_package_version('faster-whisper')}, CTranslate2 "
+            f"{_package_version('ctranslate2')}, PyAV {_package_version('av')}, "
+            + _first_line(["espeak-ng", "--version"]).split("  Data at")[0]
+        ),
     )
 
 

@@ -94,6 +94,7 @@ def render_markdown(machine: Machine, tables: Sequence[Table]) -> str:
         f"- Python {machine.python}, uvicorn {machine.uvicorn}, FastAPI {machine.fastapi}, "
         f"VoxVault {machine.voxvault}",
         f"- nginx {machine.nginx}, {machine.curl}, {machine.wrk}",
+        f"- {machine.speech}",
         "",
     ]
     for table in tables:
@@ -104,9 +105,11 @@ def render_markdown(machine: Machine, tables: Sequence[Table]) -> str:
             "",
             "`make bench` (installs nginx-light, wrk and curl if missing, then runs "
             "`.venv/bin/python -m bench.run_all`, which rewrites this file). A single benchmark "
-            "runs alone with `.venv/bin/python -m bench.upload_throughput` or "
-            "`.venv/bin/python -m bench.range_serving` (add `--help` for a smaller file); those "
-            "only print. Scratch files go to `bench/out/` and are deleted afterwards.",
+            "runs alone with `.venv/bin/python -m bench.<name>`, where the name is "
+            "`upload_throughput`, `range_serving`, `pipeline_rtf`, `api_latency` or "
+            "`worker_throughput` (add `--help` for smaller runs); those only print. The "
+            "pipeline benchmarks make their speech with espeak-ng (`make test-system-deps`). "
+            "Scratch files go to `bench/out/` and are deleted afterwards.",
             "",
         ]
     )

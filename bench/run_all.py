@@ -11,13 +11,22 @@ import time
 import traceback
 from collections.abc import Callable
 
-from bench import range_serving, upload_throughput
+from bench import (
+    api_latency,
+    pipeline_rtf,
+    range_serving,
+    upload_throughput,
+    worker_throughput,
+)
 from bench.common import describe_machine, log, raise_on_sigterm
 from bench.report import Table, render_text, write_document
 
 BENCHMARKS: dict[str, Callable[[], Table]] = {
     "upload_throughput": lambda: upload_throughput.run().table(),
     "range_serving": lambda: range_serving.run().table(),
+    "pipeline_rtf": lambda: pipeline_rtf.run().table(),
+    "api_latency": lambda: api_latency.run().table(),
+    "worker_throughput": lambda: worker_throughput.run().table(),
 }
 
 
