@@ -41,7 +41,7 @@ pytest: dev test-system-deps
 test: lint typecheck pytest
 
 bench: dev
-	scripts/ensure-system-packages.sh nginx-light wrk curl
+	scripts/ensure-system-packages.sh nginx-light wrk curl espeak-ng sox
 	$(BIN)/python -m bench.run_all
 
 clean:
