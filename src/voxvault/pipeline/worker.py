@@ -14,6 +14,7 @@ by the next worker that starts on the same host.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import anyio
 
-from voxvault.errors import NotFound, VoxVaultError
+from voxvault.errors import BackendUnavailable, NotFound, VoxVaultError
 from voxvault.events import ProgressEvent
 from voxvault.jobs import FINISHED, Job, JobStatus
 from voxvault.models import RecordingStatus
@@ -104,9 +105,15 @@ class Worker:
         self.settings = vault.settings
 
     async def run(self) -> None:
-        """Process jobs until cancelled."""
+        """Process jobs until cancelled; a failing backend pauses the worker, never ends it."""
         while True:
-            if await self.run_one() is None:
+            try:
+                ran = await self.run_one()
+            except Exception:
+                # The job's lease runs out and another attempt picks it up; keep serving.
+                log.exception("worker %s: could not run or record a job", self.name)
+                ran = None
+            if ran is None:
                 with anyio.move_on_after(IDLE_POLL_SECONDS):
                     await self.vault.wait_for_jobs()
 
@@ -184,18 +191,23 @@ class Worker:
             progress = round(overall_progress(steps, run.progress), 3)
             changed = (stage, progress) != last_sent
             if changed or time.monotonic() - last_beat >= every:
-                held = await vault.jobs.heartbeat(
-                    job.id, self.name, lease, progress=progress, stage=stage
-                )
+                try:
+                    held = await vault.jobs.heartbeat(
+                        job.id, self.name, lease, progress=progress, stage=stage
+                    )
+                except Exception:  # a database hiccup: try again next time round
+                    log.warning("job %s: heartbeat failed", job.id, exc_info=True)
+                    continue
                 last_beat = time.monotonic()
                 if not held:
                     run.stopped.set()
                     return
             if changed:
                 last_sent = (stage, progress)
-                await self._publish(
-                    vault, job, "progress", RecordingStatus.PROCESSING, progress, stage
-                )
+                with contextlib.suppress(BackendUnavailable):  # progress is best effort
+                    await self._publish(
+                        vault, job, "progress", RecordingStatus.PROCESSING, progress, stage
+                    )
 
     async def _failed(self, vault: Vault, job: Job, error: BaseException) -> None:
         message = _describe(error)
