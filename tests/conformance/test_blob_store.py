@@ -7,13 +7,15 @@ import hashlib
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import cast
 
 import anyio
 import pytest
 
-from voxvault.blobs import BlobSink, BlobStore
+from tests.s3 import pending_uploads, s3_bucket, s3_client
+from voxvault.blobs import BlobSink, BlobStore, open_blob_store
 from voxvault.blobs.base import PUT_QUEUE_BYTES
 from voxvault.blobs.local import LocalBlobStore
 from voxvault.errors import EmptyUpload, InvalidRequest, NotFound, PayloadTooLarge
@@ -21,12 +23,18 @@ from voxvault.errors import EmptyUpload, InvalidRequest, NotFound, PayloadTooLar
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["local"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
-    if request.param == "local":
-        opened: BlobStore = LocalBlobStore(tmp_path / "blobs")
-    yield opened
-    await opened.close()
+@pytest.fixture(params=["local", "s3"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[BlobStore]:
+    with ExitStack() as stack:
+        if request.param == "local":
+            opened: BlobStore = LocalBlobStore(tmp_path / "blobs")
+        else:
+            bucket = stack.enter_context(s3_bucket(monkeypatch))
+            opened = open_blob_store(bucket.url)
+        yield opened
+        await opened.close()
 
 
 async def chunks_of(data: bytes, size: int = 7919) -> AsyncIterator[bytes]:
@@ -313,5 +321,11 @@ async def test_a_key_that_is_only_a_prefix_is_not_found(store: BlobStore) -> Non
 
 
 async def assert_no_staging_left(store: BlobStore) -> None:
+    """Nothing of a put is left where the store stages it: files, or multipart uploads."""
     if isinstance(store, LocalBlobStore):
         assert list(store.staging.iterdir()) == []
+        return
+    described = store.describe()
+    assert described["backend"] == "s3"
+    client = s3_client(described["endpoint"])
+    assert pending_uploads(client, described["bucket"]) == []

@@ -13,6 +13,7 @@ __all__ = ["BlobInfo", "BlobSink", "BlobStore", "StoredBlob", "open_blob_store"]
 # scheme -> (module, factory, extra that provides its dependencies)
 _ADAPTERS: dict[str, tuple[str, str, str | None]] = {
     "file": ("voxvault.blobs.local", "LocalBlobStore", None),
+    "s3": ("voxvault.blobs.s3", "S3BlobStore", "s3"),
 }
 
 
