@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import anyio
@@ -13,6 +14,7 @@ import anyio.to_thread
 import pytest
 from pydantic import ValidationError
 
+from tests.redis_server import redis_keys
 from voxvault.errors import ConfigurationError
 from voxvault.events import EventBus, EventBusClosed, ProgressEvent, Subscription, open_event_bus
 from voxvault.events.memory import InMemoryEventBus
@@ -50,7 +52,7 @@ class Harness:
     """Channels with replay history held by the adapter, when it can tell."""
 
 
-def _memory() -> Harness:
+def _memory(cleanup: ExitStack) -> Harness:
     clock = Clock()
     bus = InMemoryEventBus(retain=RETAIN, ttl_s=TTL_S, buffer=BUFFER, clock=clock)
     return Harness(
@@ -61,14 +63,27 @@ def _memory() -> Harness:
     )
 
 
-ADAPTERS: dict[str, Callable[[], Harness]] = {"memory": _memory}
+def _redis(cleanup: ExitStack) -> Harness:
+    from voxvault.events.redis import RedisEventBus
+
+    keys = cleanup.enter_context(redis_keys())  # a key prefix of the test's own
+    bus = RedisEventBus.from_url(keys.url, retain=RETAIN, ttl_s=TTL_S, buffer=BUFFER)
+    # Retention follows Redis's clock (key TTLs): the TTL tests cannot move it.
+    return Harness(
+        bus, None, subscribed_channels=lambda: len(bus._channels), retained_channels=None
+    )
+
+
+ADAPTERS: dict[str, Callable[[ExitStack], Harness]] = {"memory": _memory, "redis": _redis}
+"""Each builds a fresh bus; what it registers on the stack is undone after the test."""
 
 
 @pytest.fixture(params=sorted(ADAPTERS))
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    built = ADAPTERS[request.param]()
-    async with built.bus:
-        yield built
+    with ExitStack() as cleanup:
+        built = ADAPTERS[request.param](cleanup)
+        async with built.bus:
+            yield built
 
 
 def needs_clock(harness: Harness) -> Clock:
@@ -474,10 +489,8 @@ async def test_open_event_bus_by_url() -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("redis://localhost:6379/0", "not supported in this build"),
-        ("rediss://cache.example:6380", "scale-out"),
         ("kafka://broker:9092", "unsupported"),
-        ("", "use one of: memory"),
+        ("", "use one of: memory, redis, rediss"),
     ],
 )
 async def test_open_event_bus_rejects_unknown_urls(url: str, message: str) -> None:

@@ -26,24 +26,19 @@ __all__ = [
 # kind -> (module, factory, extra that provides its dependencies)
 _ADAPTERS: dict[str, tuple[str, str, str | None]] = {
     "memory": ("voxvault.events.memory", "InMemoryEventBus", None),
+    "redis": ("voxvault.events.redis", "RedisEventBus", "redis"),
+    "rediss": ("voxvault.events.redis", "RedisEventBus", "redis"),
 }
-
-# Known kinds this build does not ship: they get a clearer message than "unsupported".
-_SCALE_OUT = frozenset({"redis", "rediss"})
 
 
 def open_event_bus(url: str) -> EventBus:
-    """The bus ``url`` names: ``memory`` (or ``memory://``) keeps events in this process."""
+    """The bus ``url`` names: ``memory`` (or ``memory://``) keeps events in this process;
+    ``redis://host:6379/0`` (or ``rediss://``, TLS) shares them between processes through Redis
+    Streams, with keys under ``?prefix=`` (default ``voxvault:events``)."""
     kind = urlsplit(url).scheme if "://" in url else url.strip()
     if kind not in _ADAPTERS:
         known = ", ".join(sorted(_ADAPTERS))
-        reason = (
-            f"{kind}:// (Redis Streams) comes with the scale-out setup and is not supported in "
-            "this build"
-            if kind in _SCALE_OUT
-            else "unsupported"
-        )
-        raise ConfigurationError(f"event bus URL {url!r}: {reason}; use one of: {known}")
+        raise ConfigurationError(f"event bus URL {url!r}: unsupported; use one of: {known}")
     module_name, factory_name, extra = _ADAPTERS[kind]
     try:
         module = importlib.import_module(module_name)
