@@ -1,5 +1,7 @@
-"""normalize: one decode of an untrusted upload into speech and playback renditions.
+"""normalize: decoding an untrusted upload into speech and playback renditions.
 
+``normalize`` makes both in one pass, ``normalize_speech`` and ``normalize_playback`` one each
+(the latter at a lower CPU priority); the limit, cancel and bad-input tests run for all three.
 Every test uses real media made on the fly. Failures are checked for the error class, for an
 empty work directory and, where a child was killed, for no child process left behind.
 """
@@ -16,6 +18,7 @@ import wave
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -24,7 +27,14 @@ import pytest
 
 from tests.media import encode_audio, encode_video, riff_declaring, wav_bytes
 from voxvault.errors import MediaLimitExceeded, UnsupportedMedia
-from voxvault.media.normalize import DecodeCancelled, DecodeLimits, normalize
+from voxvault.media.normalize import (
+    PLAYBACK_NICENESS,
+    DecodeCancelled,
+    DecodeLimits,
+    normalize,
+    normalize_playback,
+    normalize_speech,
+)
 
 MiB = 1024**2
 # The smallest memory limit Settings accepts: every decode in this file runs under it.
@@ -109,6 +119,14 @@ def ten_minutes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def fifty_minutes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Long enough that even the speech rendition alone takes seconds to make."""
+    path = tmp_path_factory.mktemp("longer") / "silence.flac"
+    path.write_bytes(silence_flac(3000))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _no_child_left() -> Iterator[None]:
     before = children()
@@ -118,6 +136,30 @@ def _no_child_left() -> Iterator[None]:
 
 def assert_nothing_left(workdir: Path) -> None:
     assert not workdir.exists() or list(workdir.iterdir()) == []
+
+
+Decode = Callable[..., Any]
+ENTRY_POINTS: dict[str, Decode] = {
+    "both": normalize,
+    "speech": normalize_speech,
+    "playback": normalize_playback,
+}
+
+
+@pytest.fixture(params=list(ENTRY_POINTS))
+def decode(request: pytest.FixtureRequest) -> Decode:
+    """Each entry point in turn: the limits, cancel and error handling are the same for all."""
+    return ENTRY_POINTS[request.param]
+
+
+def assert_speech_wav(path: Path, seconds: float) -> None:
+    with wave.open(str(path)) as speech:
+        assert (speech.getframerate(), speech.getnchannels(), speech.getsampwidth()) == (
+            16000,
+            1,
+            2,
+        )
+        assert speech.getnframes() == pytest.approx(seconds * 16000, rel=0.01)
 
 
 # ---- renditions ---------------------------------------------------------------------------------
@@ -155,6 +197,71 @@ def test_every_format_gives_both_renditions(
     assert (container, codec, rate) == ("ogg", "opus", 48000)
     assert channels == min(source_channels(upload), 2)
     assert seconds == pytest.approx(result.duration_s, rel=0.02)
+
+
+@pytest.mark.parametrize("extension", list(FORMATS))
+def test_speech_only_makes_the_wav_alone(
+    source: Callable[[bytes, str], Path], workdir: Path, extension: str
+) -> None:
+    result = normalize_speech(source(FORMATS[extension](), f"upload.{extension}"), workdir, LIMITS)
+
+    assert result.speech == workdir / "speech.wav"
+    assert result.duration_s == pytest.approx(SECONDS, rel=0.01)
+    assert [p.name for p in workdir.iterdir()] == ["speech.wav"]
+    assert_speech_wav(result.speech, SECONDS)
+
+
+@pytest.mark.parametrize("extension", list(FORMATS))
+def test_playback_only_makes_the_opus_alone(
+    source: Callable[[bytes, str], Path], workdir: Path, extension: str
+) -> None:
+    upload = source(FORMATS[extension](), f"upload.{extension}")
+    result = normalize_playback(upload, workdir, LIMITS)
+
+    assert result.playback == workdir / "playback.opus"
+    assert result.duration_s == pytest.approx(SECONDS, rel=0.01)
+    assert [p.name for p in workdir.iterdir()] == ["playback.opus"]
+    container, codec, rate, channels, seconds = playback_audio(result.playback)
+    assert (container, codec, rate) == ("ogg", "opus", 48000)
+    assert channels == min(source_channels(upload), 2)
+    assert seconds == pytest.approx(result.duration_s, rel=0.02)
+
+
+def test_speech_only_keeps_the_signal_of_a_wav_without_channel_mask(
+    source: Callable[[bytes, str], Path], workdir: Path
+) -> None:
+    """Resampled straight from the decoded frames ("1 channels" layout) to 16 kHz mono."""
+    result = normalize_speech(source(wav_bytes(SECONDS, rate=22050), "m.wav"), workdir, LIMITS)
+    with wave.open(str(result.speech)) as speech:
+        samples = np.frombuffer(speech.readframes(speech.getnframes()), dtype=np.int16)
+    assert len(samples) == pytest.approx(SECONDS * 16000, rel=0.01)
+    peak_hz = np.argmax(np.abs(np.fft.rfft(samples))) * 16000 / len(samples)
+    assert peak_hz == pytest.approx(440, abs=2)
+
+
+def test_a_format_change_midway_is_followed_by_each_entry_point(
+    source: Callable[[bytes, str], Path], tmp_path: Path
+) -> None:
+    data = encode_audio("mp3", "libmp3lame", 2.0, rate=44100)
+    data += encode_audio("mp3", "libmp3lame", 2.0, rate=22050)
+    upload = source(data, "joined.mp3")
+    speech = normalize_speech(upload, tmp_path / "speech", LIMITS)
+    playback = normalize_playback(upload, tmp_path / "playback", LIMITS)
+    assert speech.duration_s == pytest.approx(4.0, rel=0.02)
+    assert playback.duration_s == speech.duration_s
+    with wave.open(str(speech.speech)) as wav:
+        assert wav.getnframes() == pytest.approx(speech.duration_s * 16000, rel=0.01)
+    assert playback_audio(playback.playback)[4] == pytest.approx(speech.duration_s, rel=0.02)
+
+
+def test_a_failure_removes_only_the_outputs_it_was_asked_for(
+    source: Callable[[bytes, str], Path], workdir: Path
+) -> None:
+    """Speech and playback made apart in one directory: a failed one leaves the other be."""
+    normalize_playback(source(wav_bytes(1.0), "good.wav"), workdir, LIMITS)
+    with pytest.raises(UnsupportedMedia):
+        normalize_speech(source(BAD_INPUT["text"](), "bad.wav"), workdir, LIMITS)
+    assert [p.name for p in workdir.iterdir()] == ["playback.opus"]
 
 
 def test_mono_source_gives_mono_playback(
@@ -256,11 +363,11 @@ BAD_INPUT: dict[str, Callable[[], bytes]] = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_is_unsupported_and_leaves_nothing(
-    source: Callable[[bytes, str], Path], workdir: Path, case: str
+    source: Callable[[bytes, str], Path], workdir: Path, case: str, decode: Decode
 ) -> None:
     upload = source(BAD_INPUT[case](), "upload.wav")
     with pytest.raises(UnsupportedMedia) as caught:
-        normalize(upload, workdir, LIMITS)
+        decode(upload, workdir, LIMITS)
     assert caught.value.message
     reason = caught.value.detail["reason"]
     assert isinstance(reason, str)
@@ -269,19 +376,21 @@ def test_bad_input_is_unsupported_and_leaves_nothing(
     assert_nothing_left(workdir)
 
 
-def test_missing_source_is_the_callers_error(tmp_path: Path, workdir: Path) -> None:
+def test_missing_source_is_the_callers_error(tmp_path: Path, workdir: Path, decode: Decode) -> None:
     with pytest.raises(FileNotFoundError):
-        normalize(tmp_path / "absent.wav", workdir, LIMITS)
+        decode(tmp_path / "absent.wav", workdir, LIMITS)
 
 
 # ---- limits -------------------------------------------------------------------------------------
 
 
-def test_too_long_stops_early_and_leaves_nothing(ten_minutes: Path, workdir: Path) -> None:
+def test_too_long_stops_early_and_leaves_nothing(
+    ten_minutes: Path, workdir: Path, decode: Decode
+) -> None:
     limits = DecodeLimits(timeout_s=60, memory_bytes=256 * MiB, max_duration_s=5)
     progress: list[float] = []
     with pytest.raises(MediaLimitExceeded) as caught:
-        normalize(ten_minutes, workdir, limits, on_progress=progress.append)
+        decode(ten_minutes, workdir, limits, on_progress=progress.append)
     assert "5 s" in caught.value.message
     assert caught.value.detail == {"limit": "max_duration_s", "max_duration_s": 5}
     # The child gave up after about 5 of the 600 seconds, it did not decode on to the end.
@@ -289,34 +398,38 @@ def test_too_long_stops_early_and_leaves_nothing(ten_minutes: Path, workdir: Pat
     assert_nothing_left(workdir)
 
 
-def test_timeout_kills_the_decoder(ten_minutes: Path, workdir: Path) -> None:
+def test_timeout_kills_the_decoder(ten_minutes: Path, workdir: Path, decode: Decode) -> None:
     limits = DecodeLimits(timeout_s=0.05, memory_bytes=256 * MiB, max_duration_s=3600)
     with pytest.raises(MediaLimitExceeded, match=r"decoding took longer than 0\.05 s"):
-        normalize(ten_minutes, workdir, limits)
+        decode(ten_minutes, workdir, limits)
     assert_nothing_left(workdir)  # the autouse fixture checks that the child is gone
 
 
-def test_timeout_midway_removes_partial_outputs(ten_minutes: Path, workdir: Path) -> None:
-    # Decoding the ten minutes takes several seconds; one second in, both outputs are half written.
+def test_timeout_midway_removes_partial_outputs(
+    fifty_minutes: Path, workdir: Path, decode: Decode
+) -> None:
+    # Decoding the fifty minutes takes seconds; one second in, the outputs are half written.
     limits = DecodeLimits(timeout_s=1.0, memory_bytes=256 * MiB, max_duration_s=3600)
     with pytest.raises(MediaLimitExceeded, match="longer than 1 s"):
-        normalize(ten_minutes, workdir, limits)
+        decode(fifty_minutes, workdir, limits)
     assert_nothing_left(workdir)
 
 
 def test_memory_limit_too_small_to_start_the_decoder(
-    source: Callable[[bytes, str], Path], workdir: Path
+    source: Callable[[bytes, str], Path], workdir: Path, decode: Decode
 ) -> None:
     # 64 MiB of address space cannot even map FFmpeg's libraries (~110 MiB with Python).
     limits = DecodeLimits(timeout_s=60, memory_bytes=64 * MiB, max_duration_s=3600)
     with pytest.raises(MediaLimitExceeded) as caught:
-        normalize(source(wav_bytes(1.0), "a.wav"), workdir, limits)
+        decode(source(wav_bytes(1.0), "a.wav"), workdir, limits)
     assert "64 MiB" in caught.value.message
     assert caught.value.detail == {"limit": "memory_bytes", "memory_bytes": 64 * MiB}
     assert_nothing_left(workdir)
 
 
-def test_memory_limit_is_set_on_the_decoding_process(ten_minutes: Path, workdir: Path) -> None:
+def test_memory_limit_is_set_on_the_decoding_process(
+    ten_minutes: Path, workdir: Path, decode: Decode
+) -> None:
     """While it decodes, the child's RLIMIT_AS (soft and hard) is the configured limit."""
     seen: list[tuple[int, int]] = []
 
@@ -326,7 +439,7 @@ def test_memory_limit_is_set_on_the_decoding_process(ten_minutes: Path, workdir:
             seen.append(decoder.rlimit(psutil.RLIMIT_AS))
 
     with pytest.raises(DecodeCancelled):
-        normalize(
+        decode(
             ten_minutes, workdir, LIMITS, on_progress=on_progress, should_stop=lambda: bool(seen)
         )
     assert seen == [(256 * MiB, 256 * MiB)]
@@ -341,14 +454,19 @@ def test_memory_limit_is_set_on_the_decoding_process(ten_minutes: Path, workdir:
     ],
 )
 def test_a_decoder_killed_by_a_signal(
-    ten_minutes: Path, workdir: Path, signum: int, error: type[Exception], words: str
+    ten_minutes: Path,
+    workdir: Path,
+    signum: int,
+    error: type[Exception],
+    words: str,
+    decode: Decode,
 ) -> None:
     def on_progress(_: float) -> None:
         for decoder in decoders():
             decoder.send_signal(signum)
 
     with pytest.raises(error, match=words) as caught:
-        normalize(ten_minutes, workdir, LIMITS, on_progress=on_progress)
+        decode(ten_minutes, workdir, LIMITS, on_progress=on_progress)
     if isinstance(caught.value, UnsupportedMedia):
         assert caught.value.detail == {"reason": "killed by SIGSEGV"}
     assert_nothing_left(workdir)
@@ -357,16 +475,18 @@ def test_a_decoder_killed_by_a_signal(
 # ---- cancel -------------------------------------------------------------------------------------
 
 
-def test_should_stop_cancels_before_decoding(ten_minutes: Path, workdir: Path) -> None:
+def test_should_stop_cancels_before_decoding(
+    ten_minutes: Path, workdir: Path, decode: Decode
+) -> None:
     with pytest.raises(DecodeCancelled):
-        normalize(ten_minutes, workdir, LIMITS, should_stop=lambda: True)
+        decode(ten_minutes, workdir, LIMITS, should_stop=lambda: True)
     assert_nothing_left(workdir)
 
 
-def test_should_stop_cancels_midway(ten_minutes: Path, workdir: Path) -> None:
+def test_should_stop_cancels_midway(ten_minutes: Path, workdir: Path, decode: Decode) -> None:
     progress: list[float] = []
     with pytest.raises(DecodeCancelled):
-        normalize(
+        decode(
             ten_minutes,
             workdir,
             LIMITS,
@@ -374,4 +494,44 @@ def test_should_stop_cancels_midway(ten_minutes: Path, workdir: Path) -> None:
             should_stop=lambda: bool(progress),
         )
     assert progress  # it was decoding, with outputs half written, when it was stopped
+    assert_nothing_left(workdir)
+
+
+# ---- priority -----------------------------------------------------------------------------------
+
+
+def autogroup_nice(process: psutil.Process) -> int | None:
+    """The nice value of the process's autogroup (Linux), or None where there is none."""
+    try:
+        text = Path(f"/proc/{process.pid}/autogroup").read_text()
+    except OSError:
+        return None
+    return int(text.split("nice")[-1])
+
+
+@pytest.mark.parametrize(
+    ("decode_name", "niceness"),
+    [("playback", PLAYBACK_NICENESS), ("speech", 0), ("both", 0)],
+)
+def test_only_the_playback_decoder_runs_at_a_lower_priority(
+    ten_minutes: Path, workdir: Path, decode_name: str, niceness: int
+) -> None:
+    """The playback child's nice value, and its autogroup's where the kernel groups by session
+    (else the nice value would not count against the worker's own session), while it decodes."""
+    mine = psutil.Process()
+    seen: list[tuple[int, int | None]] = []
+
+    def on_progress(_: float) -> None:
+        if not seen:
+            (decoder,) = decoders()
+            seen.append((decoder.nice(), autogroup_nice(decoder)))
+
+    with pytest.raises(DecodeCancelled):
+        ENTRY_POINTS[decode_name](
+            ten_minutes, workdir, LIMITS, on_progress=on_progress, should_stop=lambda: bool(seen)
+        )
+    [(nice, group)] = seen
+    assert nice == mine.nice() + niceness
+    if group is not None:  # a new session's group starts at 0, the child raises its own
+        assert group == (nice if niceness else 0)
     assert_nothing_left(workdir)

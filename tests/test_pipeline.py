@@ -6,8 +6,10 @@ happens; the server-level behaviour (SIGKILL, SSE over HTTP) is in ``test_pipeli
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import anyio.from_thread
 import av
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from tests.conftest import stored_files
@@ -26,6 +29,9 @@ from voxvault.api import create_app
 from voxvault.errors import Conflict, NotFound
 from voxvault.events import ProgressEvent
 from voxvault.jobs import Job, JobStatus
+from voxvault.media import normalize as normalize_module
+from voxvault.pipeline import steps as steps_module
+from voxvault.pipeline.steps import PipelineRun, StageProgress, pipeline_steps, run_steps
 from voxvault.pipeline.worker import Worker
 from voxvault.settings import Settings
 from voxvault.transcription import Transcriber, TranscriptionResult, open_transcriber
@@ -184,7 +190,7 @@ async def test_speech_becomes_a_ready_transcript_with_words_files_and_playback(
     progress = [e.progress for e in processing]
     assert progress == sorted(progress)
     stages = [e.stage for e in processing if e.stage]
-    order = ["probe", "normalize", "transcribe", "export"]
+    order = ["probe", "normalize", "transcribe", "export", "playback"]
     assert [order.index(s) for s in stages] == sorted(order.index(s) for s in stages)
     assert "transcribe" in stages
     assert {e.job_id for e in events[1:]} == {job.id}
@@ -505,3 +511,218 @@ async def test_an_unavailable_model_fails_the_job_once_with_a_clear_error(
     assert recording.status is RecordingStatus.FAILED
     assert recording.error is not None
     assert "voxvault-test/no-such-model" in recording.error
+
+
+# ---- the playback rendition, made in the background -------------------------------------------
+
+
+def decoder_processes(outputs: str | None = None) -> list[psutil.Process]:
+    """This process's decoder children, those making ``outputs`` only when given."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            command = child.cmdline()
+            if any(arg.endswith("decoder.py") for arg in command) and (
+                outputs is None or outputs in command
+            ):
+                found.append(child)
+    return found
+
+
+class EncoderWatcher(Transcriber):
+    """No engine: waits for the background playback decoder to be running, runs ``interrupt``
+    on the event loop while it still runs, then reports progress until the worker stops it."""
+
+    engine = "faster-whisper"
+
+    def __init__(self, interrupt: Callable[[], Any]) -> None:
+        self.interrupt = interrupt
+        self.encoder: psutil.Process | None = None
+        self.running_after_interrupt = False
+        self.stopped = threading.Event()
+
+    def transcribe(
+        self,
+        audio: Path,
+        *,
+        language: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> TranscriptionResult:
+        assert on_progress is not None
+        deadline = time.monotonic() + 30
+        while self.encoder is None:
+            found = decoder_processes("playback")
+            if found:
+                self.encoder = found[0]
+            else:
+                assert time.monotonic() < deadline, "no playback decoder was started"
+                time.sleep(0.02)
+        anyio.from_thread.run(self.interrupt)
+        self.running_after_interrupt = self.encoder.is_running()
+        try:
+            for _ in range(400):
+                on_progress(0.5)
+                time.sleep(0.05)
+        except BaseException:
+            self.stopped.set()
+            raise
+        raise AssertionError("the worker never stopped the engine")
+
+
+@pytest.fixture(scope="module")
+def twenty_minutes() -> bytes:
+    # Its Opus encode takes many seconds (more at the rendition's low priority): still running
+    # when the job is stopped. Its speech decode, before the engine starts, takes about one.
+    return flac_silence(seconds=1200, rate=16000)
+
+
+@pytest.mark.parametrize("interruption", ["cancel", "delete"])
+async def test_stopping_a_job_while_its_playback_encoder_runs_leaves_no_process_and_no_files(
+    vault: Vault, data_dir: Path, twenty_minutes: bytes, interruption: str
+) -> None:
+    recording_id = await store(vault, twenty_minutes, "long.flac")
+
+    async def interrupt() -> None:
+        if interruption == "delete":
+            await vault.delete_recording(recording_id)
+        else:
+            [job] = await vault.list_jobs(recording_id)
+            await vault.cancel_job(job.id)
+
+    watcher = EncoderWatcher(interrupt)
+    await Worker(vault, transcribers=lambda settings, model: watcher).run_one()
+
+    assert watcher.stopped.is_set(), "the worker never stopped the engine"
+    assert watcher.encoder is not None
+    assert watcher.running_after_interrupt, "the encoder had finished: nothing was tested"
+    assert not watcher.encoder.is_running(), "the playback encoder outlived its job"
+    assert decoder_processes() == []
+    assert list((data_dir / "work").iterdir()) == []
+    if interruption == "delete":
+        assert stored_files(data_dir) == []
+        with pytest.raises(NotFound):
+            await vault.get_recording(recording_id)
+    else:
+        recording = await vault.get_recording(recording_id)
+        assert recording.status is RecordingStatus.STORED
+        assert await vault.metadata.get_playback(vault.workspace, recording_id) is None
+        assert [p.name for p in stored_files(data_dir)] == ["original"]
+
+
+class CountingTranscriber(Transcriber):
+    engine = "faster-whisper"
+
+    def __init__(self, inner: Transcriber) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def transcribe(
+        self,
+        audio: Path,
+        *,
+        language: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> TranscriptionResult:
+        self.calls += 1
+        return self.inner.transcribe(audio, language=language, on_progress=on_progress)
+
+
+async def test_a_failed_rendition_fails_the_attempt_and_the_retry_makes_only_the_rendition(
+    data_dir: Path, speech: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes: list[str] = []
+    failures = [RuntimeError("the encoder crashed")]
+
+    def speech_only(*args: Any, **kwargs: Any) -> Any:
+        decodes.append("speech")
+        return normalize_module.normalize_speech(*args, **kwargs)
+
+    def playback_failing_once(*args: Any, **kwargs: Any) -> Any:
+        decodes.append("playback")
+        if failures:
+            raise failures.pop()
+        return normalize_module.normalize_playback(*args, **kwargs)
+
+    monkeypatch.setattr(steps_module, "normalize_speech", speech_only)
+    monkeypatch.setattr(steps_module, "normalize_playback", playback_failing_once)
+    settings = Settings(data_dir=data_dir, job_retry_delay_s=0, job_max_attempts=3)
+    async with await Vault.open(settings) as vault:
+        recording_id = await store(vault, speech)
+        counting: dict[str, CountingTranscriber] = {}
+
+        def factory(settings: Settings, model: str | None) -> Transcriber:
+            if "t" not in counting:
+                counting["t"] = CountingTranscriber(open_transcriber(settings, model=model))
+            return counting["t"]
+
+        worker = Worker(vault, transcribers=factory)
+        first = await run_job(vault, worker)
+        assert (first.status, first.attempts) == (JobStatus.QUEUED, 1)
+        assert first.error == "RuntimeError: the encoder crashed"
+        # The transcript was stored before the rendition's failure was known.
+        assert (await vault.get_transcript(recording_id)).job_id == first.id
+        assert (await vault.open_playback(recording_id)).content_type == "audio/wav"
+        assert sorted(decodes) == ["playback", "speech"]  # in two threads, in either order
+
+        decodes.clear()
+        second = await run_job(vault, worker)
+        assert (second.id, second.status, second.attempts) == (first.id, JobStatus.SUCCEEDED, 2)
+        assert decodes == ["playback"]
+        assert counting["t"].calls == 1
+        assert [v.version for v in await vault.list_transcript_versions(recording_id)] == [1]
+        assert (await vault.get_recording(recording_id)).status is RecordingStatus.READY
+        assert (await vault.open_playback(recording_id)).content_type == "audio/ogg; codecs=opus"
+        assert list((data_dir / "work").iterdir()) == []
+
+
+class StageLog(StageProgress):
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[str] = []
+
+    def start(self, stage: str) -> None:
+        self.started.append(stage)
+        super().start(stage)
+
+
+class NoEngine(Transcriber):
+    engine = "faster-whisper"
+
+    def transcribe(
+        self,
+        audio: Path,
+        *,
+        language: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> TranscriptionResult:
+        raise AssertionError("transcribed again")
+
+
+async def test_a_job_run_again_after_its_transcript_and_rendition_skips_both(
+    vault: Vault, speech: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recording_id = await store(vault, speech)
+    job = await run_job(vault)
+    assert job.status is JobStatus.SUCCEEDED
+    playback = await vault.metadata.get_playback(vault.workspace, recording_id)
+    assert playback is not None
+
+    def no_decoding(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(steps_module, "normalize_speech", no_decoding)
+    monkeypatch.setattr(steps_module, "normalize_playback", no_decoding)
+    progress = StageLog()
+    run = PipelineRun(
+        vault=vault,
+        job=job,
+        recording=await vault.get_recording(recording_id),
+        transcriber=NoEngine(),
+        scratch=tmp_path / "work" / job.id,
+        progress=progress,
+    )
+    await run_steps(run, pipeline_steps())
+    assert progress.started == ["probe", "export"]
+    assert await vault.metadata.get_playback(vault.workspace, recording_id) == playback
+    assert [v.version for v in await vault.list_transcript_versions(recording_id)] == [1]
+    assert not run.scratch.exists()

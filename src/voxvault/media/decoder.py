@@ -6,20 +6,24 @@ PyAV is even imported, and the parent kills its process group on a timeout or a 
 imports nothing from VoxVault, so the package (pydantic, SQLAlchemy, ...) is neither loaded nor
 counted against that limit; the parent imports only its constants.
 
-One pass over the first audio stream: decoded frames are resampled to 48 kHz float and encoded
-with libopus into Ogg (``playback.opus``, for browsers), and those 48 kHz frames are resampled
-again to 16 kHz mono s16 (``speech.wav``, for the speech engine). Frames are streamed, never
-collected, so memory stays flat whatever the length.
+One pass over the first audio stream makes the renditions asked for: ``speech.wav`` (16 kHz mono
+s16, for the speech engine) and/or ``playback.opus`` (libopus in Ogg at 48 kHz, for browsers).
+Speech alone is resampled straight from the decoded frames; with playback, decoded frames are
+resampled to 48 kHz float for the encoder and the speech rendition is made from those. Frames
+are streamed, never collected, so memory stays flat whatever the length.
 
-Protocol: ``decoder.py SOURCE WORKDIR MAX_DURATION_S MEMORY_BYTES``. Standard output carries
-JSON lines: any number of ``{"progress": fraction}``, then exactly one of
-``{"done": duration_s}`` or ``{"error": kind, "message": ..., "reason": ...}`` where kind is
-``unsupported``, ``too_long``, ``memory`` or ``crash``. Anything a library prints lands on
-standard error instead, so it cannot corrupt the protocol.
+Protocol: ``decoder.py SOURCE WORKDIR MAX_DURATION_S MEMORY_BYTES OUTPUTS NICENESS``, where
+OUTPUTS is ``speech``, ``playback`` or ``speech,playback`` and NICENESS (0 or more) is added to
+this process's nice value before anything else runs. Standard output carries JSON lines: any
+number of ``{"progress": fraction}``, then exactly one of ``{"done": duration_s}`` or
+``{"error": kind, "message": ..., "reason": ...}`` where kind is ``unsupported``, ``too_long``,
+``memory`` or ``crash``. Anything a library prints lands on standard error instead, so it cannot
+corrupt the protocol.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -35,8 +39,11 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import av
 
+SPEECH = "speech"
+PLAYBACK = "playback"
 SPEECH_FILENAME = "speech.wav"
 PLAYBACK_FILENAME = "playback.opus"
+FILENAMES = {SPEECH: SPEECH_FILENAME, PLAYBACK: PLAYBACK_FILENAME}
 SPEECH_RATE = 16000
 PLAYBACK_RATE = 48000
 OPUS_BIT_RATE = {1: 32000, 2: 48000}
@@ -77,9 +84,17 @@ class Reporter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    source, workdir, max_duration, memory = argv if argv is not None else sys.argv[1:]
+    args = argv if argv is not None else sys.argv[1:]
+    source, workdir, max_duration, memory, wanted, niceness = args
+    _lower_priority(int(niceness))
     reporter = Reporter(_protocol_stream())
-    outputs = (Path(workdir) / SPEECH_FILENAME, Path(workdir) / PLAYBACK_FILENAME)
+    kinds = wanted.split(",")
+    if not set(kinds) <= set(FILENAMES):
+        reporter.send(error="crash", message="bad decoder arguments", reason=f"outputs {wanted!r}")
+        return 2
+    speech = Path(workdir) / SPEECH_FILENAME if SPEECH in kinds else None
+    playback = Path(workdir) / PLAYBACK_FILENAME if PLAYBACK in kinds else None
+    outputs = tuple(path for path in (speech, playback) if path is not None)
     try:
         if importlib.util.find_spec("av") is None:
             raise Refused("crash", "PyAV is not installed", "no module named av")
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ImportError, OSError) as exc:
             # PyAV is installed (checked above): its libraries could not be mapped in.
             raise Refused("memory", "PyAV could not be loaded", str(exc)[:300]) from None
-        duration = _decode(av, Path(source), *outputs, float(max_duration), reporter)
+        duration = _decode(av, Path(source), speech, playback, float(max_duration), reporter)
     except Refused as exc:
         _remove(outputs)
         reporter.send(error=exc.kind, message=exc.message, reason=exc.reason)
@@ -115,6 +130,24 @@ def _protocol_stream() -> IO[str]:
     return protocol
 
 
+def _lower_priority(increment: int) -> None:
+    """Yield the CPU to everything else of this machine: a background rendition uses idle cores.
+
+    With autogrouping (Linux ``CONFIG_SCHED_AUTOGROUP``, on in most distributions) a nice value
+    only ranks a process among those of its own session, and this process leads a new session
+    (``start_new_session``): its group would compete with the worker's at equal weight. So the
+    group's nice is raised too, which an unprivileged process may do for its own group. The
+    kernel rate-limits that write (about ten a second machine-wide) and it is absent where
+    autogrouping is not. Best effort throughout: a rendition made at normal priority is still
+    a rendition.
+    """
+    if increment <= 0:
+        return
+    with contextlib.suppress(OSError):
+        niceness = os.nice(increment)
+        Path("/proc/self/autogroup").write_text(f"{niceness}\n")
+
+
 def _limit_address_space(limit: int) -> None:
     # Soft and hard alike, so code running later in this process cannot raise it again.
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -129,7 +162,12 @@ def _remove(paths: tuple[Path, ...]) -> None:
 
 
 def _decode(
-    av: Any, source: Path, speech: Path, playback: Path, max_duration: float, reporter: Reporter
+    av: Any,
+    source: Path,
+    speech: Path | None,
+    playback: Path | None,
+    max_duration: float,
+    reporter: Reporter,
 ) -> float:
     try:
         # Only local files: a playlist-like upload (HLS, concat) must not reach the network.
@@ -148,11 +186,18 @@ def _decode(
         stream = audio[0]
         total = _declared_duration(container, stream)
         size = source.stat().st_size
-        speech.parent.mkdir(parents=True, exist_ok=True)
-        with wave.open(str(speech), "wb") as wav, av.open(str(playback), "w", "ogg") as ogg:
-            wav.setnchannels(1)
-            wav.setsampwidth(2)
-            wav.setframerate(SPEECH_RATE)
+        with contextlib.ExitStack() as files:
+            wav: wave.Wave_write | None = None
+            ogg: Any = None
+            if speech is not None:
+                speech.parent.mkdir(parents=True, exist_ok=True)
+                wav = files.enter_context(wave.open(str(speech), "wb"))
+                wav.setnchannels(1)
+                wav.setsampwidth(2)
+                wav.setframerate(SPEECH_RATE)
+            if playback is not None:
+                playback.parent.mkdir(parents=True, exist_ok=True)
+                ogg = files.enter_context(av.open(str(playback), "w", "ogg"))
             sink = _Sink(av, wav, ogg)
             good = bad = 0
             last_error = ""
@@ -221,21 +266,29 @@ def _declared_duration(container: Any, stream: Any) -> float | None:
 
 
 class _Sink:
-    """Both renditions of the decoded frames; the Opus encoder is set up by the first frame.
+    """The renditions asked for, made from the decoded frames as they come.
 
-    Each decoded frame goes through one resampler only, to 48 kHz float for the encoder; the
-    speech rendition is made from those frames. Pushing one decoded frame into two resamplers
-    fails for inputs whose channel layout is unspecified (a WAV without a channel mask).
+    Each decoded frame goes through one resampler only: to 48 kHz float for the Opus encoder
+    when playback is made (the speech rendition, if wanted too, is made from those frames), else
+    straight to 16 kHz mono s16. Pushing one decoded frame into two resamplers fails for inputs
+    whose channel layout is unspecified (a WAV without a channel mask). The Opus encoder is set
+    up by the first frame.
     """
 
-    def __init__(self, av: Any, wav: wave.Wave_write, ogg: Any) -> None:
+    def __init__(self, av: Any, wav: wave.Wave_write | None, ogg: Any) -> None:
         self.av = av
         self.wav = wav
         self.ogg = ogg
         self.opus: Any = None
         self.shape: tuple[str, str, int] | None = None
-        self.to_playback: Any = None
-        self.to_speech: Any = av.AudioResampler("s16", "mono", SPEECH_RATE)
+        self.first: Any = None
+        """The resampler of the decoded frames, built anew when their shape changes."""
+        self.to_speech: Any = (
+            av.AudioResampler("s16", "mono", SPEECH_RATE)
+            if wav is not None and ogg is not None
+            else None
+        )
+        """Speech from the 48 kHz playback frames, when both renditions are made."""
         self.playback_samples = 0
 
     def write(self, frame: av.AudioFrame, start_s: float) -> None:
@@ -244,21 +297,28 @@ class _Sink:
             # First frame, or the stream changed format midway (concatenated MP3s, HE-AAC):
             # a resampler is built for one input shape, so drain the old one and start anew.
             self._drain()
-            if self.opus is None:
-                self._open_opus(stereo=frame.layout.nb_channels > 1)
-            context = self.opus.codec_context
-            self.to_playback = self.av.AudioResampler(context.format, context.layout, PLAYBACK_RATE)
+            self.first = self._resampler(stereo=frame.layout.nb_channels > 1)
             self.shape = shape
         # Decoder timestamps are often missing or jumpy; the renditions are continuous.
         frame.pts = round(start_s * frame.sample_rate)
         frame.time_base = Fraction(1, frame.sample_rate)
-        self._playback(self.to_playback.resample(frame))
+        self._resampled(self.first.resample(frame))
 
     def close(self) -> None:
         self._drain()
-        self._speech(self.to_speech.resample(None))
-        for packet in self.opus.encode(None):
-            self.ogg.mux(packet)
+        if self.to_speech is not None:
+            self._speech(self.to_speech.resample(None))
+        if self.opus is not None:
+            for packet in self.opus.encode(None):
+                self.ogg.mux(packet)
+
+    def _resampler(self, *, stereo: bool) -> Any:
+        if self.ogg is None:
+            return self.av.AudioResampler("s16", "mono", SPEECH_RATE)
+        if self.opus is None:
+            self._open_opus(stereo=stereo)
+        context = self.opus.codec_context
+        return self.av.AudioResampler(context.format, context.layout, PLAYBACK_RATE)
 
     def _open_opus(self, *, stereo: bool) -> None:
         self.opus = self.ogg.add_stream("libopus", rate=PLAYBACK_RATE)
@@ -268,8 +328,14 @@ class _Sink:
         self.opus.time_base = Fraction(1, PLAYBACK_RATE)
 
     def _drain(self) -> None:
-        if self.to_playback is not None:
-            self._playback(self.to_playback.resample(None))
+        if self.first is not None:
+            self._resampled(self.first.resample(None))
+
+    def _resampled(self, frames: list[Any]) -> None:
+        if self.ogg is not None:
+            self._playback(frames)
+        else:
+            self._speech(frames)
 
     def _playback(self, frames: list[Any]) -> None:
         for frame in frames:
@@ -279,9 +345,11 @@ class _Sink:
             # The encoder cuts its own 20 ms frames (PyAV re-chunks for fixed-size codecs).
             for packet in self.opus.encode(frame):
                 self.ogg.mux(packet)
-            self._speech(self.to_speech.resample(frame))
+            if self.to_speech is not None:
+                self._speech(self.to_speech.resample(frame))
 
     def _speech(self, frames: list[Any]) -> None:
+        assert self.wav is not None
         for frame in frames:
             self.wav.writeframesraw(memoryview(frame.planes[0])[: frame.samples * 2])
 

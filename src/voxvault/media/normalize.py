@@ -1,12 +1,15 @@
-"""The decoding part of the pipeline's ``normalize`` step: one upload in, two renditions out.
+"""The decoding part of the pipeline: an upload in, the renditions asked for out.
 
 ``speech.wav`` (16 kHz mono s16) feeds the speech engine; ``playback.opus`` (Ogg Opus, 48 kHz)
-is what browsers play. Uploads are untrusted, and FFmpeg parses them, so decoding happens in a
-child process (``voxvault.media.decoder``) with an address-space limit, in its own process
-group, killed whole on a timeout or a cancel. This module never imports PyAV: whatever a file
-does to the decoder, it does to the child.
+is what browsers play. ``normalize_speech`` makes the first, ``normalize_playback`` the second
+(at a lower CPU priority: it is meant to run beside the speech engine on otherwise idle
+cores), ``normalize`` both in one pass. Uploads are untrusted, and FFmpeg parses them, so
+decoding happens in a child process (``voxvault.media.decoder``) with an address-space limit,
+in its own process group, killed whole on a timeout or a cancel. This module never imports
+PyAV: whatever a file does to the decoder, it does to the child.
 
-``normalize`` blocks; callers run it in a worker thread.
+All three block; callers run them in worker threads. They share their limits, cancel, progress
+and error behaviour.
 """
 
 from __future__ import annotations
@@ -26,17 +29,28 @@ from pathlib import Path
 from typing import IO, Any
 
 from voxvault.errors import MediaLimitExceeded, UnsupportedMedia
-from voxvault.media.decoder import PLAYBACK_FILENAME, SPEECH_FILENAME
+from voxvault.media.decoder import FILENAMES, PLAYBACK, SPEECH
 
 DECODER_SCRIPT = Path(__file__).with_name("decoder.py")
 POLL_INTERVAL_S = 0.1
 PROGRESS_INTERVAL_S = 0.1
 MAX_PROTOCOL_LINE = 64 * 1024
 STDERR_TAIL_BYTES = 4096
+PLAYBACK_NICENESS = 10
+"""Added to the nice value of the process that makes the playback rendition alone."""
 # What a process that ran out of address space tends to leave on stderr before dying.
 _MEMORY_MARKERS = ("memoryerror", "cannot allocate memory", "out of memory", "bad_alloc")
 
-__all__ = ["DecodeCancelled", "DecodeLimits", "NormalizedAudio", "normalize"]
+__all__ = [
+    "DecodeCancelled",
+    "DecodeLimits",
+    "NormalizedAudio",
+    "PlaybackAudio",
+    "SpeechAudio",
+    "normalize",
+    "normalize_playback",
+    "normalize_speech",
+]
 
 
 class DecodeCancelled(Exception):
@@ -63,35 +77,108 @@ class NormalizedAudio:
     """Seconds of audio actually decoded."""
 
 
+@dataclass(frozen=True, slots=True)
+class SpeechAudio:
+    speech: Path
+    """16 kHz, mono, s16le WAV for the speech engine."""
+    duration_s: float
+    """Seconds of audio actually decoded."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackAudio:
+    playback: Path
+    """Ogg Opus at 48 kHz for browsers: mono for a mono source, else stereo."""
+    duration_s: float
+    """Seconds of audio actually decoded."""
+
+
+Progress = Callable[[float], None]
+ShouldStop = Callable[[], bool]
+
+
 def normalize(
     source: Path,
     workdir: Path,
     limits: DecodeLimits,
     *,
-    on_progress: Callable[[float], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    on_progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> NormalizedAudio:
     """Decode ``source`` once into ``workdir/speech.wav`` and ``workdir/playback.opus``.
 
     Raises ``UnsupportedMedia`` (not decodable audio), ``MediaLimitExceeded`` (too long, too
     slow or too big to decode) or ``DecodeCancelled``; after any failure neither output exists.
     """
+    duration = _decode(source, workdir, limits, (SPEECH, PLAYBACK), 0, on_progress, should_stop)
+    return NormalizedAudio(
+        speech=workdir / FILENAMES[SPEECH],
+        playback=workdir / FILENAMES[PLAYBACK],
+        duration_s=duration,
+    )
+
+
+def normalize_speech(
+    source: Path,
+    workdir: Path,
+    limits: DecodeLimits,
+    *,
+    on_progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> SpeechAudio:
+    """Decode ``source`` into ``workdir/speech.wav`` only; errors as for ``normalize``."""
+    duration = _decode(source, workdir, limits, (SPEECH,), 0, on_progress, should_stop)
+    return SpeechAudio(speech=workdir / FILENAMES[SPEECH], duration_s=duration)
+
+
+def normalize_playback(
+    source: Path,
+    workdir: Path,
+    limits: DecodeLimits,
+    *,
+    on_progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    niceness: int = PLAYBACK_NICENESS,
+) -> PlaybackAudio:
+    """Decode ``source`` into ``workdir/playback.opus`` only; errors as for ``normalize``.
+
+    The decoding process runs ``niceness`` steps below normal CPU priority, so that it takes
+    only what the rest of the machine leaves. ``limits.timeout_s`` still counts wall-clock
+    time: on a machine that stays busy the rendition can run into it sooner than a normal one.
+    """
+    duration = _decode(source, workdir, limits, (PLAYBACK,), niceness, on_progress, should_stop)
+    return PlaybackAudio(playback=workdir / FILENAMES[PLAYBACK], duration_s=duration)
+
+
+def _decode(
+    source: Path,
+    workdir: Path,
+    limits: DecodeLimits,
+    kinds: tuple[str, ...],
+    niceness: int,
+    on_progress: Progress | None,
+    should_stop: ShouldStop | None,
+) -> float:
+    """Run the decoder child for the ``kinds`` of output; the seconds decoded.
+
+    After any failure none of the outputs asked for exists (others in ``workdir`` are left be).
+    """
     if not source.is_file():
         # The caller's mistake, not the upload's: not an UnsupportedMedia for the client.
         raise FileNotFoundError(f"no such file to normalize: {source}")
     workdir.mkdir(parents=True, exist_ok=True)
-    speech, playback = workdir / SPEECH_FILENAME, workdir / PLAYBACK_FILENAME
+    outputs = [workdir / FILENAMES[kind] for kind in kinds]
     progress = _Progress(on_progress)
     finished = False
     try:
         with tempfile.TemporaryFile() as stderr:
-            child = _start(source, workdir, limits, stderr)
+            child = _start(source, workdir, limits, kinds, niceness, stderr)
             try:
                 final = _supervise(child, limits, progress, should_stop)
             finally:
                 _end(child)
             duration = _outcome(final, child.returncode, _tail(stderr), limits)
-        if not (speech.is_file() and playback.is_file()):
+        if not all(path.is_file() for path in outputs):
             raise UnsupportedMedia(
                 "the decoder reported success but wrote no output",
                 detail={"reason": "missing output"},
@@ -101,13 +188,18 @@ def normalize(
     finally:
         if not finished:
             # The child removes its partial outputs, but not when it was killed.
-            speech.unlink(missing_ok=True)
-            playback.unlink(missing_ok=True)
-    return NormalizedAudio(speech=speech, playback=playback, duration_s=duration)
+            for path in outputs:
+                path.unlink(missing_ok=True)
+    return duration
 
 
 def _start(
-    source: Path, workdir: Path, limits: DecodeLimits, stderr: IO[bytes]
+    source: Path,
+    workdir: Path,
+    limits: DecodeLimits,
+    kinds: tuple[str, ...],
+    niceness: int,
+    stderr: IO[bytes],
 ) -> subprocess.Popen[bytes]:
     # The decoder runs as a script, not as ``-m voxvault.media.decoder``, which would first
     # import the voxvault package (pydantic, SQLAlchemy, ...): half a second and tens of MiB of
@@ -117,7 +209,8 @@ def _start(
     # imported or the upload opened, rather than in a preexec_fn: preexec_fn runs Python
     # between fork and exec, which can deadlock when other threads hold locks, and callers run
     # this function in worker threads by design. start_new_session is done by the C fork code,
-    # safe with threads, and makes the child the leader of a group we can kill whole.
+    # safe with threads, and makes the child the leader of a group we can kill whole. For the
+    # same reason the child lowers its own priority (Popen has no nice setting of its own).
     command = [
         sys.executable,
         "-P",
@@ -126,6 +219,8 @@ def _start(
         str(workdir),
         repr(float(limits.max_duration_s)),
         str(int(limits.memory_bytes)),
+        ",".join(kinds),
+        str(int(niceness)),
     ]
     return subprocess.Popen(
         command,
@@ -140,7 +235,7 @@ def _supervise(
     child: subprocess.Popen[bytes],
     limits: DecodeLimits,
     progress: _Progress,
-    should_stop: Callable[[], bool] | None,
+    should_stop: ShouldStop | None,
 ) -> dict[str, Any] | None:
     """Follow the child's reports until it exits; the final report, if it sent one."""
     assert child.stdout is not None
@@ -265,7 +360,7 @@ class _Progress:
     followed by a failure.
     """
 
-    def __init__(self, callback: Callable[[float], None] | None) -> None:
+    def __init__(self, callback: Progress | None) -> None:
         self.callback = callback
         self.last = 0.0
         self.last_call = float("-inf")

@@ -1,4 +1,4 @@
-"""The pipeline's steps: ``probe → normalize → transcribe → export`` (handbook §4).
+"""The pipeline's steps: ``probe → normalize → transcribe → export → playback`` (handbook §4).
 
 The contract every step keeps:
 
@@ -8,12 +8,26 @@ The contract every step keeps:
 - ``run(run)`` does the work. Blocking work (decoding, the speech engine) runs on a worker
   thread, reports progress as a fraction of the step through ``run.progress`` and stops early,
   raising ``JobStopped``, once ``run.stopped`` is set (cancel, lost lease, deleted recording).
+  Work a step leaves running beside the later steps is started in ``run.background``; it must
+  end early too once ``run.stopped`` is set, and whatever it raises is for a later step to
+  re-raise. ``run_steps`` waits for it before any cleanup.
 - ``cleanup(run)`` removes what the step left in the job's scratch directory; it is always called,
-  whether the step ran, was skipped or failed.
+  whether the step ran, was skipped or failed, once nothing runs in the background any more.
+
+The playback rendition (Ogg Opus for browsers) is the one piece of background work: ``normalize``
+decodes the speech WAV the engine needs and starts the rendition beside it, in a decoder child
+at a lower CPU priority, so that its encoding (several times the work of the speech decoding)
+uses the core the engine leaves idle instead of delaying the transcription. ``playback`` waits
+for it and stores it. The job, and so the recording's ``ready``, ends only after that step: a
+ready recording has its rendition, as before, and the wait is usually nil because the rendition
+needs a fraction of the engine's time. Until it is stored, playback links serve the original. A
+failed rendition fails the job like any other failure, in ``playback``, after the transcript and
+its files were stored: a retry of the job then makes only the rendition.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -23,18 +37,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import anyio
+import anyio.abc
 import anyio.to_thread
 
 from voxvault.blobs import keys as blob_keys
 from voxvault.errors import NotFound
 from voxvault.jobs import Job
-from voxvault.media.normalize import DecodeCancelled, DecodeLimits, NormalizedAudio, normalize
+from voxvault.media.normalize import (
+    DecodeCancelled,
+    DecodeLimits,
+    PlaybackAudio,
+    SpeechAudio,
+    normalize_playback,
+    normalize_speech,
+)
 from voxvault.media.probe import probe
 from voxvault.models import Recording, TranscribeRequest, TranscriptInput
 from voxvault.transcription import Transcriber, TranscriptionResult
 
 if TYPE_CHECKING:
     from voxvault.vault import Vault
+
+log = logging.getLogger("voxvault.pipeline")
 
 
 class JobStopped(Exception):
@@ -71,7 +96,11 @@ class PipelineRun:
     transcribed: bool = False
     """Whether an earlier run of this job already stored its transcript."""
     source: Path | None = None
-    audio: NormalizedAudio | None = None
+    audio: SpeechAudio | None = None
+    rendition: PlaybackRendition | None = None
+    """The playback rendition being made in the background, when this run makes one."""
+    background: anyio.abc.TaskGroup | None = None
+    """Where steps start work that goes on beside the later steps; set by ``run_steps``."""
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -122,32 +151,110 @@ class Probe(Step):
             run.source.unlink(missing_ok=True)
 
 
-class Normalize(Step):
-    """16 kHz mono for the engine, and the Opus rendition for browsers, in one decoding pass.
+def _decode_limits(run: PipelineRun) -> DecodeLimits:
+    settings = run.vault.settings
+    return DecodeLimits(
+        timeout_s=settings.decode_timeout_s,
+        memory_bytes=settings.decode_memory_bytes,
+        max_duration_s=settings.max_duration_s,
+    )
 
-    The decoding of untrusted media happens in a child process under time and memory limits.
+
+class PlaybackRendition:
+    """The playback rendition made on a worker thread while the job goes on.
+
+    Its decoder child runs at a lower CPU priority, and is killed once the job stops or the
+    steps end without waiting for it (``abandon``). Errors are kept for ``result``.
     """
 
-    name, weight = "normalize", 0.10
+    PROGRESS_EVERY_S = 0.2
+
+    def __init__(self, run: PipelineRun) -> None:
+        self.workdir = run.scratch / "playback"
+        self.job_stopped = run.stopped
+        self.abandoned = threading.Event()
+        self.ended = anyio.Event()
+        self.fraction = 0.0
+        self.audio: PlaybackAudio | None = None
+        self.error: Exception | None = None
+        self.seconds = 0.0
+        """How long the rendition took, from its start to its end."""
+
+    def should_stop(self) -> bool:
+        return self.job_stopped.is_set() or self.abandoned.is_set()
+
+    def abandon(self) -> None:
+        """Stop the decoder unless it has finished; ``make`` then ends within a poll."""
+        self.abandoned.set()
+
+    async def make(self, source: Path, limits: DecodeLimits) -> None:
+        """The background task: never raises, ``result`` reports its outcome."""
+        started = time.perf_counter()
+
+        def decode() -> PlaybackAudio:
+            return normalize_playback(
+                source,
+                self.workdir,
+                limits,
+                on_progress=self._progress,
+                should_stop=self.should_stop,
+            )
+
+        try:
+            # Not abandoned on a cancel: the thread ends soon after ``abandon``, and the task
+            # with it, so whoever waits for the task knows the child is gone.
+            self.audio = await anyio.to_thread.run_sync(decode)
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.seconds = time.perf_counter() - started
+            self.ended.set()
+
+    def _progress(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    async def result(self, on_progress: Callable[[float], None]) -> PlaybackAudio:
+        """Wait for the rendition, reporting its progress; raise what it failed with."""
+        while not self.ended.is_set():
+            on_progress(self.fraction)
+            with anyio.move_on_after(self.PROGRESS_EVERY_S):
+                await self.ended.wait()
+        if isinstance(self.error, DecodeCancelled):
+            raise JobStopped from None
+        if self.error is not None:
+            raise self.error
+        assert self.audio is not None
+        return self.audio
+
+
+class Normalize(Step):
+    """16 kHz mono for the engine; the Opus rendition for browsers is started beside it.
+
+    The decoding of untrusted media happens in child processes under time and memory limits.
+    A run that already has its transcript (a job run again) only starts the rendition; one
+    whose recording already has a rendition (it depends on the original alone, which never
+    changes) does not make it again.
+    """
+
+    name, weight = "normalize", 0.04
 
     async def able_to_run(self, run: PipelineRun) -> bool:
-        if not run.transcribed:
-            return True
-        vault = run.vault
-        return await vault.metadata.get_playback(vault.workspace, run.recording.id) is None
+        return not run.transcribed or not await self._has_playback(run)
 
     async def run(self, run: PipelineRun) -> None:
         assert run.source is not None
-        settings = run.vault.settings
-        limits = DecodeLimits(
-            timeout_s=settings.decode_timeout_s,
-            memory_bytes=settings.decode_memory_bytes,
-            max_duration_s=settings.max_duration_s,
-        )
+        assert run.background is not None, "steps run inside run_steps"
+        limits = _decode_limits(run)
         source = run.source
+        if not await self._has_playback(run):
+            run.rendition = PlaybackRendition(run)
+            run.background.start_soon(run.rendition.make, source, limits)
+        if run.transcribed:
+            run.progress.update(1.0)
+            return
 
-        def decode() -> NormalizedAudio:
-            return normalize(
+        def decode() -> SpeechAudio:
+            return normalize_speech(
                 source,
                 run.scratch / "audio",
                 limits,
@@ -156,21 +263,14 @@ class Normalize(Step):
             )
 
         try:
-            run.audio = audio = await anyio.to_thread.run_sync(decode)
+            run.audio = await anyio.to_thread.run_sync(decode)
         except DecodeCancelled:
             raise JobStopped from None
-        await self._store_playback(run, audio.playback)
 
     @staticmethod
-    async def _store_playback(run: PipelineRun, path: Path) -> None:
-        vault, recording_id = run.vault, run.recording.id
-        key = blob_keys.recording_playback(recording_id)
-        stored = await vault.blobs.put_file(key, path)
-        try:
-            await vault.metadata.set_playback(vault.workspace, recording_id, stored.sha256)
-        except NotFound:
-            await vault.blobs.delete(key)  # deleted meanwhile: the bytes belong to no one
-            raise
+    async def _has_playback(run: PipelineRun) -> bool:
+        vault = run.vault
+        return await vault.metadata.get_playback(vault.workspace, run.recording.id) is not None
 
     def cleanup(self, run: PipelineRun) -> None:
         shutil.rmtree(run.scratch / "audio", ignore_errors=True)
@@ -179,7 +279,7 @@ class Normalize(Step):
 class Transcribe(Step):
     """Speech to a new transcript version, stored once per job however often the job runs."""
 
-    name, weight = "transcribe", 0.83
+    name, weight = "transcribe", 0.88
 
     async def able_to_run(self, run: PipelineRun) -> bool:
         return not run.transcribed
@@ -218,35 +318,94 @@ class Transcribe(Step):
 class Export(Step):
     """The transcript files (JSON, SRT, VTT, TXT, Markdown) of the current version."""
 
-    name, weight = "export", 0.05
+    name, weight = "export", 0.04
 
     async def run(self, run: PipelineRun) -> None:
         await run.vault.write_transcript_files(run.recording.id)
         run.progress.update(1.0)
 
 
+class Playback(Step):
+    """Wait for the playback rendition ``normalize`` started, and store it."""
+
+    name, weight = "playback", 0.02
+
+    async def able_to_run(self, run: PipelineRun) -> bool:
+        return run.rendition is not None
+
+    async def run(self, run: PipelineRun) -> None:
+        assert run.rendition is not None
+        waited = time.perf_counter()
+        audio = await run.rendition.result(run.progress.update)
+        log.debug(
+            "job %s: playback rendition made in %.2f s, waited %.2f s for it",
+            run.job.id,
+            run.rendition.seconds,
+            time.perf_counter() - waited,
+        )
+        await run.confirm_held()
+        await self._store(run, audio.playback)
+        run.progress.update(1.0)
+
+    @staticmethod
+    async def _store(run: PipelineRun, path: Path) -> None:
+        vault, recording_id = run.vault, run.recording.id
+        key = blob_keys.recording_playback(recording_id)
+        stored = await vault.blobs.put_file(key, path)
+        try:
+            await vault.metadata.set_playback(vault.workspace, recording_id, stored.sha256)
+        except NotFound:
+            await vault.blobs.delete(key)  # deleted meanwhile: the bytes belong to no one
+            raise
+
+    def cleanup(self, run: PipelineRun) -> None:
+        if run.rendition is not None:
+            shutil.rmtree(run.rendition.workdir, ignore_errors=True)
+
+
 def pipeline_steps() -> list[Step]:
-    return [Probe(), Normalize(), Transcribe(), Export()]
+    return [Probe(), Normalize(), Transcribe(), Export(), Playback()]
 
 
 async def run_steps(run: PipelineRun, steps: list[Step]) -> None:
-    """Run the steps in order, timing each and always cleaning up after all of them."""
+    """Run the steps in order, timing each; then, once the background work has ended too,
+    clean up after all of them, whatever happened."""
     vault = run.vault
     made = await vault.metadata.get_job_transcript(vault.workspace, run.recording.id, run.job.id)
     run.transcribed = made is not None
+    failure: Exception | None = None
     try:
-        for step in steps:
-            run.check_stopped()
-            if not await step.able_to_run(run):
-                continue
-            run.progress.start(step.name)
-            started = time.perf_counter()
-            await step.run(run)
-            run.timings.setdefault(f"{step.name}_s", round(time.perf_counter() - started, 3))
+        async with anyio.create_task_group() as background:
+            run.background = background
+            try:
+                await _run_each(run, steps)
+            except Exception as exc:
+                # Raised once the background work has ended: out of the task group, which would
+                # wrap it in an exception group.
+                failure = exc
+            finally:
+                # Nothing still running is wanted now (a rendition that succeeded was waited
+                # for); the task group waits for the decoder thread, which ends with its child.
+                if run.rendition is not None:
+                    run.rendition.abandon()
     finally:
+        run.background = None
         for step in reversed(steps):
             step.cleanup(run)
         shutil.rmtree(run.scratch, ignore_errors=True)
+    if failure is not None:
+        raise failure
+
+
+async def _run_each(run: PipelineRun, steps: list[Step]) -> None:
+    for step in steps:
+        run.check_stopped()
+        if not await step.able_to_run(run):
+            continue
+        run.progress.start(step.name)
+        started = time.perf_counter()
+        await step.run(run)
+        run.timings.setdefault(f"{step.name}_s", round(time.perf_counter() - started, 3))
 
 
 def overall_progress(steps: list[Step], progress: StageProgress) -> float:
