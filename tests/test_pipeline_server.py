@@ -45,7 +45,7 @@ LIBRARY = " ".join(
         "Lost items are kept in the office for one month.",
     ]
 )
-STAGES = ["probe", "normalize", "transcribe", "export"]
+STAGES = ["probe", "normalize", "transcribe", "export", "playback"]
 TRANSCRIPT_FILES = {f"transcript.{ext}" for ext in ("json", "srt", "vtt", "txt", "md")}
 EVENT_KEYS = {"type", "status", "stage", "progress", "job_id", "error"}
 # Overall progress when the transcribe step starts (probe and normalize done).

@@ -64,7 +64,7 @@ class ProgressEvent(BaseModel):
     status: str
     """The recording's status: stored, queued, processing, ready, failed, ..."""
     stage: str | None = None
-    """The pipeline stage running: probe, normalize, transcribe, export."""
+    """The pipeline stage running: probe, normalize, transcribe, export, playback."""
     progress: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
     """Fraction of the work done, 0..1."""
     job_id: str | None = None
