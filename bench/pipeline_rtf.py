@@ -9,8 +9,9 @@ so neither side pays for loading it). VoxVault: the same file stored in a fresh 
 transcription job, then ``Worker(vault).run_one()`` in this process, timed from the claim of
 the job to its end: probe, normalize (decoder child process making the speech WAV; the Opus
 playback rendition is encoded by a second, niced child beside the transcription), transcribe,
-export, playback (waiting for that rendition and storing it), and the database writes between. Rounds alternate B P P B ..., after an
-untimed warm-up of both sides on a short clip; medians are reported.
+export, playback (waiting for that rendition and storing it), and the database writes between.
+Rounds alternate B P P B ..., after an untimed warm-up of both sides on a short clip; medians
+are reported.
 
 Run alone: ``.venv/bin/python -m bench.pipeline_rtf [--seconds N] [--rounds N]``.
 """
