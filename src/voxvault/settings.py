@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     queue_url: str = "embedded"
     """``embedded``: jobs are rows in the metadata database."""
     events_url: str = "memory"
-    """``memory``: progress events stay in this process (SSE also follows the database)."""
+    """``memory``: progress events stay in this process (SSE also follows the database);
+    ``redis://host:6379/0``: they reach every API process."""
     job_lease_s: Annotated[float, Field(ge=1, le=3600)] = 30
     """A job whose worker has not renewed its lease for this long is run again elsewhere."""
     job_max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
