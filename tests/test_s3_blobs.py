@@ -361,3 +361,34 @@ def test_blob_urls_are_parsed_and_checked(monkeypatch: pytest.MonkeyPatch) -> No
     for url in refused:
         with pytest.raises(ConfigurationError):
             open_blob_store(url)
+
+
+async def test_playback_links_are_presigned_by_the_store_and_follow_the_rendition(
+    bucket: S3Bucket, tmp_path: Any
+) -> None:
+    from tests.media import wav_bytes
+    from voxvault import Settings, Vault
+
+    audio = wav_bytes(seconds=1.0)
+    public = bucket.endpoint.replace("127.0.0.1", "localhost")
+    settings = Settings(data_dir=tmp_path / "data", blob_url=bucket.url, blob_public_url=public)
+    async with await Vault.open(settings) as vault:
+        recording = await vault.create_recording(
+            chunks_of(audio), filename="a.wav", transcribe=False
+        )
+        link = await vault.playback_link(recording.id, base_url="http://api.invalid", ttl=600)
+        assert link.url.startswith(f"{public}/{bucket.name}/"), link.url
+        assert "/original?" in link.url
+        async with httpx.AsyncClient() as http:
+            whole = await http.get(link.url)
+            assert (whole.status_code, whole.content) == (200, audio)
+            part = await http.get(link.url, headers={"Range": "bytes=10-19"})
+            assert (part.status_code, part.content) == (206, audio[10:20])
+        # Once the pipeline stored an Opus rendition, links point at it instead.
+        rendition = b"OggS rendition bytes"
+        stored = await vault.blobs.put_bytes(f"recordings/{recording.id}/playback.opus", rendition)
+        await vault.metadata.set_playback(vault.workspace, recording.id, stored.sha256)
+        link = await vault.playback_link(recording.id, base_url="http://api.invalid")
+        assert "/playback.opus?" in link.url
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(link.url)).content == rendition

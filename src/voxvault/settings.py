@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     playback_url_ttl: Annotated[int, Field(gt=0, le=MAX_PLAYBACK_URL_TTL)] = 3600
     public_url: str | None = None
     """Base URL clients reach this server at (behind a proxy); signed links are built on it."""
+    blob_public_url: str | None = None
+    """Where clients reach an object store when that differs from ``blob_url``'s endpoint;
+    presigned playback links are signed for it."""
     whisper_model: str = "tiny.en"
     """A model name (``tiny.en`` is bundled; others download when online) or a local directory."""
     whisper_device: Literal["auto", "cpu", "cuda"] = "auto"

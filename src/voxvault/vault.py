@@ -393,13 +393,24 @@ class Vault:
             raise ValidationFailed(f"ttl must be between 1 and {MAX_PLAYBACK_URL_TTL} seconds")
         recording = await self.get_recording(recording_id)
         expires = int(time.time()) + ttl
+        expires_at = datetime.fromtimestamp(expires, tz=UTC)
+        # An object store serves the bytes itself: the Opus rendition when there is one.
+        has_rendition = await self.metadata.get_playback(self.workspace, recording.id)
+        key = (blob_keys.recording_playback if has_rendition else blob_keys.recording_original)(
+            recording.id
+        )
+        presigned = await self.blobs.presigned_url(
+            key, ttl, public_endpoint=self.settings.blob_public_url
+        )
+        if presigned is not None:
+            return PlaybackLink(url=presigned, expires_at=expires_at)
         signature = self.signer.sign(self.workspace, recording.id, expires)
         base = (self.settings.public_url or base_url).rstrip("/")
         url = (
             f"{base}/v1/playback/{recording.id}"
             f"?ws={self.workspace}&expires={expires}&signature={signature}"
         )
-        return PlaybackLink(url=url, expires_at=datetime.fromtimestamp(expires, tz=UTC))
+        return PlaybackLink(url=url, expires_at=expires_at)
 
     async def open_signed_audio(self, recording_id: str, expires: int, signature: str) -> Download:
         self.signer.verify(self.workspace, recording_id, expires, signature)

@@ -254,6 +254,13 @@ class BlobStore(ABC):
                 await handle.write(part)
         return target
 
+    async def presigned_url(
+        self, key: str, ttl_s: int, public_endpoint: str | None = None
+    ) -> str | None:
+        """A URL the store itself serves the blob at (with ranges) until ``ttl_s`` runs out, or
+        ``None`` when the store cannot (local disk: VoxVault signs and serves its own links)."""
+        return None
+
     async def read_range(self, key: str, start: int, length: int) -> bytes:
         """Read ``length`` bytes from ``start`` (fewer only at the end of the blob)."""
         parts = [part async for part in self.stream_range(key, start, length)]
