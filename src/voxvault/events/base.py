@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import deque
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Annotated, Self
 
+import anyio
+import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict, Field
 
 from voxvault.errors import BackendUnavailable
@@ -120,6 +123,75 @@ class Subscription(ABC):
             raise StopAsyncIteration from None
         assert item is not None  # an infinite wait returns only with an event
         return item
+
+
+class BufferedSubscription(Subscription):
+    """A subscription fed by its bus through ``deliver`` (never waiting), read with ``next``.
+
+    Adapters share it: the bus decides what to deliver, this keeps the port's buffer rules.
+    """
+
+    def __init__(self, limit: int, *, resumed: bool) -> None:
+        self._buffer: deque[tuple[str, ProgressEvent]] = deque()
+        self._limit = limit
+        self._resumed = resumed
+        self._dropped = 0
+        self._closed = False
+        self._waiter: anyio.Event | None = None
+
+    @property
+    def resumed(self) -> bool:
+        return self._resumed
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    def deliver(self, entry: tuple[str, ProgressEvent]) -> None:
+        """Buffer an event without ever waiting; see the port's rule for a full buffer."""
+        full = len(self._buffer) >= self._limit
+        if full and not self._drop_oldest_progress() and not entry[1].terminal:
+            # Only terminal events are buffered: they stay, and so would a terminal newcomer
+            # (there are a few per run at most). The stale one is this progress event.
+            self._dropped += 1
+            return
+        self._buffer.append(entry)
+        self._wake()
+
+    def _drop_oldest_progress(self) -> bool:
+        for index, (_, event) in enumerate(self._buffer):
+            if not event.terminal:
+                del self._buffer[index]
+                self._dropped += 1
+                return True
+        return False
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            self._waiter.set()
+
+    async def next(self, timeout: float) -> tuple[str, ProgressEvent] | None:  # noqa: ASYNC109 - see the port
+        if self._waiter is not None:
+            raise RuntimeError("another task is already waiting on this subscription")
+        if self._buffer or self._closed:
+            await anyio.lowlevel.checkpoint()
+        else:
+            waiter = self._waiter = anyio.Event()
+            try:
+                with anyio.move_on_after(timeout):
+                    await waiter.wait()
+            finally:
+                self._waiter = None
+        # Nothing is taken before this point, so a cancelled wait loses no event.
+        if self._buffer:
+            return self._buffer.popleft()
+        if self._closed:
+            raise EventBusClosed("the event bus is closed")
+        return None
 
 
 class EventBus(ABC):

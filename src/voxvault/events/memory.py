@@ -22,7 +22,13 @@ from contextlib import asynccontextmanager
 import anyio
 import anyio.lowlevel
 
-from voxvault.events.base import EventBus, EventBusClosed, ProgressEvent, Subscription
+from voxvault.events.base import (
+    BufferedSubscription,
+    EventBus,
+    EventBusClosed,
+    ProgressEvent,
+    Subscription,
+)
 
 DEFAULT_RETAIN = 256
 """Events kept per channel for replay: far more than one processing run publishes per minute."""
@@ -42,70 +48,6 @@ class _History:
     def __init__(self, retain: int) -> None:
         self.events: deque[Entry] = deque(maxlen=retain)
         self.last_at = 0.0
-
-
-class _MemorySubscription(Subscription):
-    def __init__(self, limit: int, *, resumed: bool) -> None:
-        self._buffer: deque[Entry] = deque()
-        self._limit = limit
-        self._resumed = resumed
-        self._dropped = 0
-        self._closed = False
-        self._waiter: anyio.Event | None = None
-
-    @property
-    def resumed(self) -> bool:
-        return self._resumed
-
-    @property
-    def dropped(self) -> int:
-        return self._dropped
-
-    def deliver(self, entry: Entry) -> None:
-        """Buffer an event without ever waiting; see the port's rule for a full buffer."""
-        full = len(self._buffer) >= self._limit
-        if full and not self._drop_oldest_progress() and not entry[1].terminal:
-            # Only terminal events are buffered: they stay, and so would a terminal newcomer
-            # (there are a few per run at most). The stale one is this progress event.
-            self._dropped += 1
-            return
-        self._buffer.append(entry)
-        self._wake()
-
-    def _drop_oldest_progress(self) -> bool:
-        for index, (_, event) in enumerate(self._buffer):
-            if not event.terminal:
-                del self._buffer[index]
-                self._dropped += 1
-                return True
-        return False
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None:
-            self._waiter.set()
-
-    async def next(self, timeout: float) -> Entry | None:  # noqa: ASYNC109 - see the port
-        if self._waiter is not None:
-            raise RuntimeError("another task is already waiting on this subscription")
-        if self._buffer or self._closed:
-            await anyio.lowlevel.checkpoint()
-        else:
-            waiter = self._waiter = anyio.Event()
-            try:
-                with anyio.move_on_after(timeout):
-                    await waiter.wait()
-            finally:
-                self._waiter = None
-        # Nothing is taken before this point, so a cancelled wait loses no event.
-        if self._buffer:
-            return self._buffer.popleft()
-        if self._closed:
-            raise EventBusClosed("the event bus is closed")
-        return None
 
 
 class InMemoryEventBus(EventBus):
@@ -130,7 +72,7 @@ class InMemoryEventBus(EventBus):
         self._clock = clock
         # Least recently published first, so forgetting idle channels looks at the front only.
         self._histories: OrderedDict[str, _History] = OrderedDict()
-        self._subscribers: dict[str, set[_MemorySubscription]] = {}
+        self._subscribers: dict[str, set[BufferedSubscription]] = {}
         self._thread: int | None = None
         self._closed = False
         self._last_ms = -1
@@ -166,7 +108,7 @@ class InMemoryEventBus(EventBus):
         self._check_usable()
         self._forget_idle(self._clock())
         replay = self._retained_after(channel, last_event_id)
-        subscription = _MemorySubscription(self._buffer, resumed=replay is not None)
+        subscription = BufferedSubscription(self._buffer, resumed=replay is not None)
         for entry in replay or ():
             subscription.deliver(entry)
         # No await between the replay and joining the channel: nothing published falls between.

@@ -46,7 +46,6 @@ import contextlib
 import logging
 import re
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -64,7 +63,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import KeyT, StreamIdT
 
 from voxvault.errors import BackendUnavailable, ConfigurationError
-from voxvault.events.base import EventBus, EventBusClosed, ProgressEvent, Subscription
+from voxvault.events.base import (
+    BufferedSubscription,
+    EventBus,
+    EventBusClosed,
+    ProgressEvent,
+    Subscription,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,68 +112,11 @@ def _redis_id(stream_id: StreamId) -> str:
     return f"{stream_id[0]}-{stream_id[1]}"
 
 
-class _RedisSubscription(Subscription):
+class _RedisSubscription(BufferedSubscription):
     def __init__(self, limit: int, after: StreamId, *, resumed: bool) -> None:
+        super().__init__(limit, resumed=resumed)
         self.after = after
         """The id of the newest entry of the channel this subscription has had (or skips)."""
-        self._buffer: deque[Entry] = deque()
-        self._limit = limit
-        self._resumed = resumed
-        self._dropped = 0
-        self._closed = False
-        self._waiter: anyio.Event | None = None
-
-    @property
-    def resumed(self) -> bool:
-        return self._resumed
-
-    @property
-    def dropped(self) -> int:
-        return self._dropped
-
-    def deliver(self, entry: Entry) -> None:
-        """Buffer an event without ever waiting; see the port's rule for a full buffer."""
-        full = len(self._buffer) >= self._limit
-        if full and not self._drop_oldest_progress() and not entry[1].terminal:
-            self._dropped += 1  # only terminal events are buffered, and they all stay
-            return
-        self._buffer.append(entry)
-        self._wake()
-
-    def _drop_oldest_progress(self) -> bool:
-        for index, (_, event) in enumerate(self._buffer):
-            if not event.terminal:
-                del self._buffer[index]
-                self._dropped += 1
-                return True
-        return False
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None:
-            self._waiter.set()
-
-    async def next(self, timeout: float) -> Entry | None:  # noqa: ASYNC109 - see the port
-        if self._waiter is not None:
-            raise RuntimeError("another task is already waiting on this subscription")
-        if self._buffer or self._closed:
-            await anyio.lowlevel.checkpoint()
-        else:
-            waiter = self._waiter = anyio.Event()
-            try:
-                with anyio.move_on_after(timeout):
-                    await waiter.wait()
-            finally:
-                self._waiter = None
-        # Nothing is taken before this point, so a cancelled wait loses no event.
-        if self._buffer:
-            return self._buffer.popleft()
-        if self._closed:
-            raise EventBusClosed("the event bus is closed")
-        return None
 
 
 class RedisEventBus(EventBus):
