@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import wave
@@ -12,7 +13,8 @@ import pytest
 from tests.media import speak, wav_bytes
 from voxvault import Settings
 from voxvault.errors import ConfigurationError
-from voxvault.transcription import open_transcriber
+from voxvault.pipeline.worker import transcriber_beside_api
+from voxvault.transcription import engine_threads, open_transcriber
 from voxvault.transcription.whisper import FasterWhisperTranscriber, load_model, resolve_model
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. Storage should never lose a recording."
@@ -97,3 +99,22 @@ def test_a_missing_model_is_a_clear_error_not_a_hang(speech: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"no-such-voxvault-model"):
         FasterWhisperTranscriber("no-such-voxvault-model").transcribe(speech)
     assert time.monotonic() - started < 120
+
+
+def test_the_engine_beside_the_api_leaves_it_a_core() -> None:
+    cores = len(os.sched_getaffinity(0))
+    unset = Settings()
+    assert engine_threads(unset, beside_api=False) == 0  # the engine's own default: every core
+    assert engine_threads(unset, beside_api=True) == max(1, cores - 1)
+    assert engine_threads(Settings(whisper_cpu_threads=3), beside_api=True) == 3
+    assert engine_threads(Settings(whisper_cpu_threads=3), beside_api=False) == 3
+    beside = transcriber_beside_api(unset, None)
+    assert isinstance(beside, FasterWhisperTranscriber)
+    assert beside.cpu_threads == max(1, cores - 1)
+
+
+def test_a_model_with_fewer_threads_is_its_own_and_still_transcribes(speech: Path) -> None:
+    one_thread = load_model("tiny.en", "auto", "auto", 1)
+    assert one_thread is not load_model("tiny.en", "auto", "auto")
+    result = FasterWhisperTranscriber(cpu_threads=1).transcribe(speech)
+    assert "quick brown fox" in normalized(" ".join(s.text for s in result.segments))

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     whisper_device: Literal["auto", "cpu", "cuda"] = "auto"
     whisper_compute_type: str = "auto"
     whisper_beam_size: Annotated[int, Field(ge=1, le=20)] = 5
+    whisper_cpu_threads: Annotated[int, Field(ge=0, le=256)] = 0
+    """CPU threads of the engine; 0: all cores, less one when the API serves from the same
+    process (``serve --workers N``), so that requests keep a core while it transcribes."""
     max_duration_s: Annotated[float, Field(gt=0)] = 12 * 3600
     """Longest recording accepted: checked at upload and again while decoding."""
     decode_timeout_s: Annotated[float, Field(gt=0)] = 1800

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 from fastapi import FastAPI
@@ -13,7 +14,7 @@ from voxvault import __version__
 from voxvault.api.errors import install_error_handlers
 from voxvault.api.limits import JsonBodyLimit
 from voxvault.api.routers import artifacts, jobs, playback, recordings, system, transcripts
-from voxvault.pipeline.worker import run_workers
+from voxvault.pipeline.worker import run_workers, transcriber_beside_api
 from voxvault.settings import Settings
 from voxvault.vault import Vault
 
@@ -23,7 +24,8 @@ def create_app(
 ) -> FastAPI:
     """The API over ``vault``; without one, the app opens (and closes) its own from settings.
 
-    ``workers`` pipeline workers run in this process, off the event loop's critical path.
+    ``workers`` pipeline workers run in this process, off the event loop's critical path; their
+    engine leaves a core to the API (``engine_threads``).
     """
 
     @asynccontextmanager
@@ -36,7 +38,9 @@ def create_app(
                 opened = vault
             app.state.vault = opened
             async with anyio.create_task_group() as group:
-                group.start_soon(run_workers, opened, workers)
+                group.start_soon(
+                    partial(run_workers, transcribers=transcriber_beside_api), opened, workers
+                )
                 yield
                 group.cancel_scope.cancel()
 

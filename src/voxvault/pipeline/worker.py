@@ -59,6 +59,11 @@ def _default_transcriber(settings: Settings, model: str | None) -> Transcriber:
     return open_transcriber(settings, model=model)
 
 
+def transcriber_beside_api(settings: Settings, model: str | None) -> Transcriber:
+    """The transcriber of workers that share their process with the HTTP API."""
+    return open_transcriber(settings, model=model, beside_api=True)
+
+
 def worker_name(index: int) -> str:
     """``host/pid/token/index``: enough to tell, on this host, whether its process is alive."""
     return f"{socket.gethostname()}/{os.getpid()}/{_PROCESS_TOKEN}/{index}"

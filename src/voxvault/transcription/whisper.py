@@ -18,7 +18,7 @@ from voxvault.models import Segment, Word
 from voxvault.transcription.base import ProgressCallback, Transcriber, TranscriptionResult
 
 BUNDLED_MODEL = "tiny.en"
-_models: dict[tuple[str, str, str], Any] = {}
+_models: dict[tuple[str, str, str, int], Any] = {}
 _models_lock = threading.Lock()
 
 
@@ -41,22 +41,29 @@ def resolve_model(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def load_model(name: str, device: str, compute_type: str) -> Any:
-    """The WhisperModel for these settings, loaded on first use and shared by every caller."""
-    key = (name, device, compute_type)
+def load_model(name: str, device: str, compute_type: str, cpu_threads: int = 0) -> Any:
+    """The WhisperModel for these settings, loaded on first use and shared by every caller.
+
+    ``cpu_threads`` 0 leaves the choice to CTranslate2 (one thread per core).
+    """
+    key = (name, device, compute_type, cpu_threads)
     with _models_lock:
         if key not in _models:
-            _models[key] = _load(name, device, compute_type)
+            _models[key] = _load(name, device, compute_type, cpu_threads)
         return _models[key]
 
 
-def _load(name: str, device: str, compute_type: str) -> Any:
+def _load(name: str, device: str, compute_type: str, cpu_threads: int) -> Any:
     from faster_whisper import WhisperModel
 
     location, local = resolve_model(name)
+    options: dict[str, Any] = {
+        "device": device,
+        "compute_type": compute_type,
+        "cpu_threads": cpu_threads,
+    }
     if local:
-        return WhisperModel(location, device=device, compute_type=compute_type)
-    options = {"device": device, "compute_type": compute_type}
+        return WhisperModel(location, **options)
     with contextlib.suppress(Exception):  # not in the local cache: try the hub once, below
         return WhisperModel(location, local_files_only=True, **options)
     try:
@@ -78,11 +85,13 @@ class FasterWhisperTranscriber(Transcriber):
         device: str = "auto",
         compute_type: str = "auto",
         beam_size: int = 5,
+        cpu_threads: int = 0,
     ) -> None:
         self.model_name = model
         self.device = device
         self.compute_type = compute_type
         self.beam_size = beam_size
+        self.cpu_threads = cpu_threads
 
     def transcribe(
         self,
@@ -92,7 +101,7 @@ class FasterWhisperTranscriber(Transcriber):
         on_progress: ProgressCallback | None = None,
     ) -> TranscriptionResult:
         started = time.perf_counter()
-        model = load_model(self.model_name, self.device, self.compute_type)
+        model = load_model(self.model_name, self.device, self.compute_type, self.cpu_threads)
         loaded = time.perf_counter()
         pieces, info = model.transcribe(
             str(audio),
