@@ -225,7 +225,15 @@ def _size_label(nbytes: int) -> str:
 def _ingest(data_dir: Path, source: Path, sha256: str) -> str:
     """Store ``source`` with the CLI; the new recording's id."""
     out = run_tool(
-        [str(VOXVAULT), "--data-dir", str(data_dir), "ingest", "--json", str(source)],
+        [
+            str(VOXVAULT),
+            "--data-dir",
+            str(data_dir),
+            "ingest",
+            "--no-transcribe",
+            "--json",
+            str(source),
+        ],
         timeout=TOOL_TIMEOUT_S,
     )
     stored = json.loads(out)

@@ -291,7 +291,7 @@ def _time_upload(source: Path, sha256: str, workdir: Path, number: int) -> tuple
             started = time.perf_counter()
             status, uploaded = _curl_post(
                 source,
-                f"{server.base_url}/v1/recordings?filename=big.wav",
+                f"{server.base_url}/v1/recordings?filename=big.wav&transcribe=false",
                 response,
                 "audio/wav",
             )
