@@ -159,8 +159,13 @@ class Vault:
                 await metadata.migrate()
             blobs = open_blob_store(settings.blob_url)
             signer = PlaybackSigner(settings.load_secret_key())
-            jobs = open_job_queue(settings.queue_url, metadata)
-            events = open_event_bus(settings.events_url)
+            jobs = open_job_queue(settings.queue_url, metadata, lease_seconds=settings.job_lease_s)
+            await jobs.open(migrate=migrate)
+            try:
+                events = open_event_bus(settings.events_url)
+            except BaseException:
+                await jobs.close()
+                raise
         except BaseException:
             await metadata.close()
             raise
@@ -181,6 +186,7 @@ class Vault:
 
     async def close(self) -> None:
         await self.events.close()
+        await self.jobs.close()
         await self.blobs.close()
         await self.metadata.close()
 

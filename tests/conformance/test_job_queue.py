@@ -21,6 +21,7 @@ from tests.conformance.test_metadata_store import (
 from tests.postgres import postgres_database
 from voxvault.errors import Conflict, NotFound
 from voxvault.jobs import Job, JobQueue, JobStatus
+from voxvault.jobs.procrastinate import ProcrastinateJobQueue
 from voxvault.jobs.sql import LOST_WORKER_ERROR, SqlJobQueue
 from voxvault.metadata import DEFAULT_WORKSPACE as WS
 from voxvault.metadata.sql import SqlMetadataStore
@@ -55,22 +56,27 @@ class Harness:
         return recording.id
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "procrastinate"])
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     clock = Clock()
     with ExitStack() as cleanup:
         if request.param == "sqlite":
             metadata = SqlMetadataStore(f"sqlite:///{tmp_path / 'jobs.db'}")
             queue: JobQueue = SqlJobQueue(metadata.engine, clock=clock)
-        elif request.param == "postgresql":
-            metadata = SqlMetadataStore(cleanup.enter_context(postgres_database()))
+        else:
+            url = cleanup.enter_context(postgres_database())
+            metadata = SqlMetadataStore(url)
             queue = SqlJobQueue(metadata.engine, clock=clock)
+            if request.param == "procrastinate":
+                queue = ProcrastinateJobQueue(url, queue)
         try:
             await metadata.migrate()
+            await queue.open()
             recording = make_recording()
             await metadata.insert_recording(WS, recording)
             yield Harness(queue, clock, metadata, recording.id)
         finally:
+            await queue.close()
             await metadata.close()
 
 

@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 from voxvault.errors import ConfigurationError
-from voxvault.jobs.base import FINISHED, Job, JobQueue, JobStatus
+from voxvault.jobs.base import FINISHED, Job, JobQueue, JobRunner, JobStatus
 from voxvault.metadata import MetadataStore
 
-__all__ = ["FINISHED", "Job", "JobQueue", "JobStatus", "open_job_queue"]
+__all__ = ["FINISHED", "Job", "JobQueue", "JobRunner", "JobStatus", "open_job_queue"]
 
 
-def open_job_queue(url: str, metadata: MetadataStore) -> JobQueue:
-    """``embedded``: jobs are rows in the metadata database, next to the recordings."""
+def open_job_queue(url: str, metadata: MetadataStore, *, lease_seconds: float = 30.0) -> JobQueue:
+    """``embedded``: jobs are rows in the metadata database, next to the recordings, and
+    workers poll for them. ``postgresql://…``: the same rows, dispatched to workers on any
+    machine by procrastinate on that database (the ``postgres`` extra)."""
     from voxvault.jobs.sql import SqlJobQueue
     from voxvault.metadata.sql import SqlMetadataStore
 
-    if url != "embedded":
-        raise ConfigurationError(f"unsupported queue URL {url!r}; use 'embedded'")
     if not isinstance(metadata, SqlMetadataStore):  # pragma: no cover - the only store today
-        raise ConfigurationError("the embedded queue needs an SQL metadata database")
-    return SqlJobQueue(metadata.engine)
+        raise ConfigurationError("the job queue keeps its jobs in an SQL metadata database")
+    records = SqlJobQueue(metadata.engine)
+    if url == "embedded":
+        return records
+    if url.split("://", 1)[0].split("+", 1)[0] in ("postgresql", "postgres"):
+        try:
+            from voxvault.jobs.procrastinate import ProcrastinateJobQueue
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"the procrastinate job queue needs an extra: pip install 'voxvault[postgres]' "
+                f"({exc})"
+            ) from exc
+        return ProcrastinateJobQueue(url, records, lease_seconds=lease_seconds)
+    raise ConfigurationError(
+        f"unsupported queue URL {url!r}; use 'embedded' or a postgresql:// URL"
+    )

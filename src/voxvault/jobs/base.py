@@ -9,7 +9,7 @@ error kept. The work itself must be idempotent (handbook §2), since a job can r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -46,7 +46,33 @@ class Job(BaseModel):
     finished_at: datetime | None
 
 
+JobRunner = Callable[[str], Awaitable[object]]
+"""Runs the job with this id to its end (claiming it first), in a worker process."""
+
+
 class JobQueue(ABC):
+    pushes = False
+    """Whether the queue hands jobs to ``serve``; else workers poll ``claim`` (embedded)."""
+
+    @abstractmethod
+    async def open(self, *, migrate: bool = True) -> None:
+        """Connect, and with ``migrate`` install what the queue needs in its database."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def serve(
+        self,
+        runner: JobRunner,
+        concurrency: int,
+        *,
+        sweeps: Sequence[Callable[[], Awaitable[object]]] = (),
+    ) -> None:
+        """Run jobs handed to this process, ``concurrency`` at a time, until cancelled, and run
+        ``sweeps`` periodically, once per cluster. Only a queue that ``pushes`` has it."""
+        raise NotImplementedError(f"{type(self).__name__} does not hand out jobs; poll claim()")
+
     @abstractmethod
     async def enqueue(
         self,

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from voxvault.errors import Conflict, NotFound
 from voxvault.jobs.base import Job, JobQueue, JobStatus
-from voxvault.metadata.tables import jobs, recordings
+from voxvault.metadata.tables import UTCDateTime, jobs, recordings
 
 LOST_WORKER_ERROR = "the worker running this job stopped responding"
 _COLUMNS = [
@@ -30,8 +30,8 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _job(row: sa.Row[Any]) -> Job:
-    return Job.model_validate(dict(row._mapping))
+def _job(row: sa.Row[Any] | sa.RowMapping) -> Job:
+    return Job.model_validate(dict(row if isinstance(row, sa.RowMapping) else row._mapping))
 
 
 def _violates_foreign_key(exc: IntegrityError) -> bool:
@@ -51,6 +51,12 @@ class SqlJobQueue(JobQueue):
         self.engine = engine
         self._skip_locked = engine.dialect.name != "sqlite"
         self._clock = clock
+
+    async def open(self, *, migrate: bool = True) -> None:
+        """Nothing to do: the metadata store's migrations made the jobs table."""
+
+    async def close(self) -> None:
+        """Nothing to do: the engine belongs to the metadata store."""
 
     async def enqueue(
         self,
@@ -259,6 +265,31 @@ class SqlJobQueue(JobQueue):
         )
         async with self.engine.connect() as conn:
             return [_job(row) for row in await conn.execute(query)]
+
+    async def live(self) -> list[tuple[Job, datetime]]:
+        """Every queued or running job with the time it can next be claimed."""
+        due = sa.type_coerce(
+            sa.case(
+                (jobs.c.status == JobStatus.QUEUED.value, jobs.c.run_after),
+                else_=jobs.c.lease_expires_at,
+            ),
+            UTCDateTime(),
+        ).label("due")
+        query = sa.select(*_COLUMNS, due).where(
+            jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [(_job(row), row["due"]) for row in rows]
+
+    async def due_at(self, job_id: str) -> datetime | None:
+        """When a queued job may next run (its retry's backoff), or None if it is not queued."""
+        query = sa.select(jobs.c.run_after).where(
+            jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED.value
+        )
+        async with self.engine.connect() as conn:
+            due: datetime | None = (await conn.execute(query)).scalar_one_or_none()
+        return due
 
     async def lease_owners(self) -> set[str]:
         query = (

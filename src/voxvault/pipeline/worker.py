@@ -122,10 +122,11 @@ class Worker:
                 with anyio.move_on_after(IDLE_POLL_SECONDS):
                     await self.vault.wait_for_jobs()
 
-    async def run_one(self) -> Job | None:
-        """Claim one job and run it to its end; None when nothing was runnable."""
+    async def run_one(self, job_ids: Collection[str] | None = None) -> Job | None:
+        """Claim one job (of ``job_ids`` when given, else of this worker's own ids, else any)
+        and run it to its end; None when nothing was runnable."""
         job = await self.vault.jobs.claim(
-            self.name, self.settings.job_lease_s, job_ids=self.job_ids
+            self.name, self.settings.job_lease_s, job_ids=job_ids or self.job_ids
         )
         if job is None:
             return None
@@ -279,6 +280,12 @@ async def run_workers(
     if count <= 0:
         return
     await reclaim_dead_workers(vault)
+    if vault.jobs.pushes:
+        worker = Worker(vault, name=worker_name(0), transcribers=transcribers)
+        await vault.jobs.serve(
+            lambda job_id: worker.run_one([job_id]), count, sweeps=[vault.repair_statuses]
+        )
+        return
     async with anyio.create_task_group() as group:
         for index in range(count):
             worker = Worker(vault, name=worker_name(index), transcribers=transcribers)
