@@ -125,3 +125,8 @@ def live_server(data_dir: Path) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+# The scale-out stack of the API suites (tests/stacks.py) starts once per session, whichever
+# modules use it; its own module imports this one, hence the import at the end.
+from tests.stacks import scaleout_stack  # noqa: E402, F401

@@ -112,8 +112,20 @@ def pending_uploads(client: Any, bucket: str) -> list[str]:
 @contextmanager
 def s3_bucket(monkeypatch: pytest.MonkeyPatch, prefix: str = "vv") -> Iterator[S3Bucket]:
     """A new, empty bucket on the moto server; dummy credentials in the environment."""
-    endpoint = moto_endpoint()
     use_test_credentials(monkeypatch)
+    with new_bucket(prefix) as bucket:
+        yield bucket
+
+
+def credentials_env() -> dict[str, str]:
+    """The dummy credentials, as environment variables for a child process."""
+    return {"AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY}
+
+
+@contextmanager
+def new_bucket(prefix: str = "vv") -> Iterator[S3Bucket]:
+    """A new, empty bucket on the moto server, removed afterwards; the environment untouched."""
+    endpoint = moto_endpoint()
     client = s3_client(endpoint)
     name = f"{BUCKET_PREFIX}{uuid.uuid4().hex[:20]}"
     client.create_bucket(Bucket=name)
