@@ -121,3 +121,53 @@ def test_a_killed_worker_s_job_is_finished_by_another_worker_once(
         assert transcript["job_id"] == job["id"]
         assert survivor.poll() is None
         assert api.process.poll() is None
+
+
+def test_an_api_with_its_own_workers_runs_them_on_the_queue_and_stops_cleanly(
+    data_dir: Path, library: Path
+) -> None:
+    with postgres_database() as url:
+        env = {"VOXVAULT_DATABASE_URL": url, "VOXVAULT_QUEUE_URL": url}
+        api = LiveServer(data_dir, env=env, args=["--workers", "1"])
+        try:
+            recording = upload(api.url, library.read_bytes(), "library.wav")
+            finished = wait_for_status(api.url, recording["id"])
+            assert finished["status"] == "ready", finished
+            assert_transcribed(api.url, recording["id"], LIBRARY)
+        finally:
+            api.process.terminate()
+            # uvicorn shuts down gracefully, then re-raises the signal it caught.
+            assert api.process.wait(timeout=30) in (0, -signal.SIGTERM)
+        with psycopg.connect(url) as conn:  # the worker said goodbye to the cluster
+            row = conn.execute("SELECT count(*) FROM procrastinate_workers").fetchone()
+        assert row == (0,)
+
+
+def test_a_worker_stopped_with_sigterm_hands_its_job_to_another_at_once(
+    data_dir: Path, library: Path
+) -> None:
+    long_lease = 600  # far longer than the test may wait: only a hand-back explains a retry
+    with ExitStack() as stack:
+        url = stack.enter_context(postgres_database())
+        env = {
+            "VOXVAULT_DATABASE_URL": url,
+            "VOXVAULT_QUEUE_URL": url,
+            "VOXVAULT_JOB_LEASE_S": str(long_lease),
+        }
+        api = LiveServer(data_dir, env=env, args=["--workers", "0"])
+        stack.callback(api.stop)
+        first = stack.enter_context(worker_process(data_dir, env, "first"))
+        recording = upload(api.url, library.read_bytes(), "library.wav")
+        job = wait_for_job(
+            api.url,
+            recording["id"],
+            lambda job: job["stage"] == "transcribe" and job["progress"] > TRANSCRIBE_START + 0.01,
+        )
+        first.terminate()
+        assert first.wait(timeout=30) in (0, 1, -signal.SIGTERM)
+        assert lease_owner(url, job["id"]) is not None  # still its row, its lease ended
+        stack.enter_context(worker_process(data_dir, env, "second"))
+        wait_for_job(api.url, recording["id"], lambda j: j["attempts"] == 2, timeout=120)
+        finished = wait_for_status(api.url, recording["id"], timeout=180)
+        assert finished["status"] == "ready", finished
+        assert_transcribed(api.url, recording["id"], LIBRARY)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -303,6 +304,9 @@ def worker(
         console.print(f"{concurrency} worker(s) on {vault.settings.data_dir}")
         await run_workers(vault, concurrency)
 
+    # SIGTERM (a container stopping, a scale-down) stops as Ctrl-C does: the running jobs are
+    # handed back to the queue for other workers instead of waiting out their lease.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
         _run(ctx, action)
 

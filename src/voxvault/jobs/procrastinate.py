@@ -15,10 +15,14 @@ may run again is dispatched anew at its due time; procrastinate never retries on
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+import anyio
 
 from voxvault.errors import BackendUnavailable
 from voxvault.jobs.base import Job, JobQueue, JobRunner, JobStatus
@@ -33,6 +37,7 @@ REQUEUE_EVERY_S = 10  # how soon a dead worker's job is noticed, beyond its leas
 SWEEP_EVERY_S = 60  # the product's own sweeps
 _SCHEMA_LOCK = 0x766F7876_71756575  # "voxvqueu": one schema install at a time per database
 _LIVE = ("todo", "doing")
+STOP_WAIT_S = 10.0
 
 
 def every(seconds: int) -> str:
@@ -165,14 +170,29 @@ class ProcrastinateJobQueue(JobQueue):
         self._runner = runner
         self._sweeps = sweeps
         heartbeat = max(1.0, self.lease_seconds / 3)
-        await self.app.run_worker_async(
-            concurrency=concurrency,
-            install_signal_handlers=False,
-            delete_jobs="successful",
-            update_heartbeat_interval=heartbeat,
-            stalled_worker_timeout=self.lease_seconds,
-            shutdown_graceful_timeout=0,
+        # A task of its own: procrastinate stops gracefully (unregistering from the cluster)
+        # when cancelled once, which the caller's cancel scope would not let it finish.
+        worker = asyncio.ensure_future(
+            self.app.run_worker_async(
+                concurrency=concurrency,
+                install_signal_handlers=False,
+                delete_jobs="successful",
+                update_heartbeat_interval=heartbeat,
+                stalled_worker_timeout=self.lease_seconds,
+                shutdown_graceful_timeout=0,  # a stopped job's lease lapses; it runs again
+            )
         )
+        try:
+            await asyncio.shield(worker)
+        finally:
+            if not worker.done():
+                worker.cancel()
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(STOP_WAIT_S),
+                    contextlib.suppress(asyncio.CancelledError),
+                ):
+                    await worker
 
     def _register_tasks(self, requeue_cron: str, sweep_cron: str) -> None:
         @self.app.task(name=RUN_TASK)

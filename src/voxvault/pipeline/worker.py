@@ -44,6 +44,7 @@ from voxvault.vault import Vault
 log = logging.getLogger("voxvault.worker")
 
 IDLE_POLL_SECONDS = 2.0
+HAND_BACK_WAIT_S = 5.0
 PROGRESS_EVERY_SECONDS = 0.5
 HEARTBEAT_MAX_SECONDS = 2.0
 # Errors no retry can fix: the media itself, or the model asked for, is the problem.
@@ -276,20 +277,29 @@ def _describe(error: BaseException) -> str:
 async def run_workers(
     vault: Vault, count: int, *, transcribers: TranscriberFactory = _default_transcriber
 ) -> None:
-    """Run ``count`` workers until cancelled, after handing back dead workers' jobs."""
+    """Run ``count`` workers until cancelled, after handing back dead workers' jobs; when
+    cancelled (a stopping process), hand back the jobs they held so that others take them at
+    once instead of after their lease."""
     if count <= 0:
         return
     await reclaim_dead_workers(vault)
-    if vault.jobs.pushes:
-        worker = Worker(vault, name=worker_name(0), transcribers=transcribers)
-        await vault.jobs.serve(
-            lambda job_id: worker.run_one([job_id]), count, sweeps=[vault.repair_statuses]
-        )
-        return
-    async with anyio.create_task_group() as group:
-        for index in range(count):
-            worker = Worker(vault, name=worker_name(index), transcribers=transcribers)
-            group.start_soon(worker.run)
+    names = [worker_name(index) for index in range(1 if vault.jobs.pushes else count)]
+    try:
+        if vault.jobs.pushes:
+            worker = Worker(vault, name=names[0], transcribers=transcribers)
+            await vault.jobs.serve(
+                lambda job_id: worker.run_one([job_id]), count, sweeps=[vault.repair_statuses]
+            )
+            return
+        async with anyio.create_task_group() as group:
+            for name in names:
+                group.start_soon(Worker(vault, name=name, transcribers=transcribers).run)
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(HAND_BACK_WAIT_S):
+            try:
+                await vault.jobs.expire_leases(names)
+            except Exception:  # the lease lapses by itself
+                log.warning("could not hand back the jobs of %s", names, exc_info=True)
 
 
 async def run_until_finished(vault: Vault, job_ids: Collection[str]) -> list[Job]:
