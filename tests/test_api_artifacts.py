@@ -1,30 +1,35 @@
-"""Artifacts: any bytes under a safe name, with their content type kept."""
+"""Artifacts: any bytes under a safe name, with their content type kept.
+
+Every test runs on the embedded stack and on the scale-out one (``tests/stacks.py``).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import stored_files
 from tests.media import wav_bytes
+from tests.stacks import Stack, client, stack
 
 pytestmark = pytest.mark.anyio
+__all__ = ["client", "stack"]  # the fixtures that run each test on both stacks
 
 
 @pytest.fixture
 async def recording_id(client: httpx.AsyncClient) -> str:
-    response = await client.post("/v1/recordings", content=wav_bytes(0.3))
+    response = await client.post(
+        "/v1/recordings", params={"transcribe": "false"}, content=wav_bytes(0.3)
+    )
     assert response.status_code == 201
     recording_id: str = response.json()["id"]
     return recording_id
 
 
 async def test_put_get_list_delete(
-    client: httpx.AsyncClient, recording_id: str, data_dir: Path
+    client: httpx.AsyncClient, recording_id: str, stack: Stack
 ) -> None:
     base = f"/v1/recordings/{recording_id}/artifacts"
     summary = b'{"summary": "short"}'
@@ -58,8 +63,10 @@ async def test_put_get_list_delete(
     assert (await client.delete(f"{base}/scores.bin")).status_code == 204
     assert (await client.get(f"{base}/scores.bin")).status_code == 404
     assert (await client.delete(f"{base}/scores.bin")).status_code == 404
-    artifact_files = [p for p in stored_files(data_dir) if "artifacts" in p.parts]
-    assert [p.name for p in artifact_files] == ["summary.json"]
+    prefix = f"recordings/{recording_id}/artifacts/"
+    assert [key for key in stack.stored_keys() if key.startswith(prefix)] == [
+        f"{prefix}summary.json"
+    ]
 
 
 async def test_replace_keeps_created_at_and_serves_new_bytes(
@@ -93,13 +100,13 @@ async def test_empty_artifact_is_allowed(client: httpx.AsyncClient, recording_id
     ["a%2Fb", "a/b", "%2E%2E", "...", ".hidden", "a..b", "x" * 129, "sp ace", "%00", "-dash"],
 )
 async def test_unsafe_names_are_400_and_store_nothing(
-    client: httpx.AsyncClient, recording_id: str, data_dir: Path, name: str
+    client: httpx.AsyncClient, recording_id: str, stack: Stack, name: str
 ) -> None:
-    before = stored_files(data_dir)
+    before = stack.stored_blobs()
     response = await client.put(f"/v1/recordings/{recording_id}/artifacts/{name}", content=b"x")
     assert response.status_code == 400, (name, response.text)
     assert response.json()["error"]["code"] == "bad_request"
-    assert stored_files(data_dir) == before
+    assert stack.stored_blobs() == before
     assert (await client.get(f"/v1/recordings/{recording_id}/artifacts")).json()["items"] == []
 
 
@@ -110,8 +117,9 @@ async def test_invalid_content_type_is_400(client: httpx.AsyncClient, recording_
 
 
 async def test_artifact_of_unknown_recording_is_404(
-    client: httpx.AsyncClient, data_dir: Path
+    client: httpx.AsyncClient, stack: Stack
 ) -> None:
+    before = stack.stored_blobs()
     response = await client.put(f"/v1/recordings/{'0' * 32}/artifacts/a.txt", content=b"x")
     assert response.status_code == 404
-    assert stored_files(data_dir) == []
+    assert stack.stored_blobs() == before

@@ -1,8 +1,14 @@
-"""Serving the original bytes: ranges, HEAD, conditional requests, signed playback links."""
+"""Serving the original bytes: ranges, HEAD, conditional requests, signed playback links.
+
+The API tests run on the embedded stack and on the scale-out one (``tests/stacks.py``); there the
+playback links are presigned by the object store, and the signed ``/v1/playback`` links are made
+with the stack's key and checked by whichever API process gets them.
+"""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -12,12 +18,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.media import wav_bytes
+from tests.stacks import Stack, client, stack
 from voxvault.api.ranges import parse_range
 from voxvault.errors import RangeNotSatisfiable
 from voxvault.names import content_disposition
-from voxvault.vault import Vault
 
 pytestmark = pytest.mark.anyio
+__all__ = ["client", "stack"]  # the fixtures that run each test on both stacks
 AUDIO = wav_bytes(seconds=1.0, rate=16000)  # 32,044 bytes
 SIZE = len(AUDIO)
 
@@ -25,7 +32,9 @@ SIZE = len(AUDIO)
 @pytest.fixture
 async def recording(client: httpx.AsyncClient) -> dict[str, Any]:
     response = await client.post(
-        "/v1/recordings", params={"filename": "réunion «ok».wav"}, content=AUDIO
+        "/v1/recordings",
+        params={"filename": "réunion «ok».wav", "transcribe": "false"},
+        content=AUDIO,
     )
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
@@ -187,8 +196,23 @@ def test_content_disposition_is_always_a_safe_header(name: str | None, expected:
 # ---- signed playback links ----------------------------------------------------------------------
 
 
+def expires_of(link: str) -> int:
+    """When a playback link expires: a signed link says so, a presigned one says when it was
+    signed and for how long."""
+    query = {k: v[0] for k, v in parse_qs(urlsplit(link).query).items()}
+    if "expires" in query:
+        return int(query["expires"])
+    signed = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    return int(signed.timestamp()) + int(query["X-Amz-Expires"])
+
+
+def signed_link(stack: Stack, recording_id: str, expires: int) -> str:
+    signature = stack.sign(recording_id, expires)
+    return f"/v1/playback/{recording_id}?ws=default&expires={expires}&signature={signature}"
+
+
 async def test_playback_link_plays_with_ranges(
-    client: httpx.AsyncClient, recording: dict[str, Any]
+    client: httpx.AsyncClient, stack: Stack, recording: dict[str, Any]
 ) -> None:
     before = time.time()
     response = await client.get(f"/v1/recordings/{recording['id']}/playback")
@@ -196,17 +220,24 @@ async def test_playback_link_plays_with_ranges(
     link = response.json()
     assert set(link) == {"url", "expires_at"}
     url = urlsplit(link["url"])
-    assert (url.scheme, url.netloc, url.path) == (
-        "http",
-        "testserver",
-        f"/v1/playback/{recording['id']}",
-    )
-    expires = int(parse_qs(url.query)["expires"][0])
+    if stack.presigns_playback:
+        # Straight to the object store: the original (no rendition without the pipeline).
+        assert url.netloc != urlsplit(stack.base_url).netloc
+        assert url.path.endswith(f"/recordings/{recording['id']}/original")
+    else:
+        assert (url.scheme, url.netloc, url.path) == (
+            "http",
+            "testserver",
+            f"/v1/playback/{recording['id']}",
+        )
+    expires = expires_of(link["url"])
     assert before + 3600 - 2 <= expires <= time.time() + 3600 + 2
+    assert datetime.fromisoformat(link["expires_at"]).timestamp() == pytest.approx(expires, abs=2)
     full = await client.get(link["url"])
     assert full.status_code == 200
     assert full.content == AUDIO
-    assert full.headers["cache-control"].startswith("private, max-age=")
+    if not stack.presigns_playback:
+        assert full.headers["cache-control"].startswith("private, max-age=")
     part = await client.get(link["url"], headers={"Range": "bytes=-44"})
     assert part.status_code == 206
     assert part.content == AUDIO[-44:]
@@ -217,8 +248,7 @@ async def test_playback_ttl_is_configurable_and_capped(
 ) -> None:
     url = f"/v1/recordings/{recording['id']}/playback"
     link = (await client.get(url, params={"ttl": 60})).json()
-    expires = int(parse_qs(urlsplit(link["url"]).query)["expires"][0])
-    assert expires <= time.time() + 61
+    assert expires_of(link["url"]) <= time.time() + 61
     too_long = await client.get(url, params={"ttl": 7 * 24 * 3600 + 1})
     assert too_long.status_code == 422
     assert (await client.get(url, params={"ttl": 7 * 24 * 3600})).status_code == 200
@@ -231,11 +261,22 @@ def _tamper(url: str, **changes: str) -> str:
     return f"{parts.path}?{urlencode(query)}"
 
 
-async def test_tampered_or_expired_links_are_403(
-    client: httpx.AsyncClient, recording: dict[str, Any], vault: Vault
+async def test_signed_links_play_from_every_api_process(
+    client: httpx.AsyncClient, stack: Stack, recording: dict[str, Any]
 ) -> None:
-    other = (await client.post("/v1/recordings", content=wav_bytes(0.2))).json()
-    link = (await client.get(f"/v1/recordings/{recording['id']}/playback")).json()["url"]
+    link = signed_link(stack, recording["id"], int(time.time()) + 600)
+    for _ in range(4):  # on the scale-out stack, each of the two processes twice
+        response = await client.get(link, headers={"Range": "bytes=0-43"})
+        assert (response.status_code, response.content) == (206, AUDIO[:44])
+
+
+async def test_tampered_or_expired_links_are_403(
+    client: httpx.AsyncClient, stack: Stack, recording: dict[str, Any]
+) -> None:
+    other = (
+        await client.post("/v1/recordings", params={"transcribe": "false"}, content=wav_bytes(0.2))
+    ).json()
+    link = signed_link(stack, recording["id"], int(time.time()) + 3600)
     query = {k: v[0] for k, v in parse_qs(urlsplit(link).query).items()}
     signature = query["signature"]
     flipped = ("0" if signature[0] != "0" else "1") + signature[1:]
@@ -249,7 +290,7 @@ async def test_tampered_or_expired_links_are_403(
         f"/v1/playback/{recording['id']}?ws=default&expires=soon&signature={signature}",
     ]
     past = int(time.time()) - 1
-    expired_signature = vault.signer.sign("default", recording["id"], past)
+    expired_signature = stack.sign(recording["id"], past)
     expired = (
         f"/v1/playback/{recording['id']}?ws=default&expires={past}&signature={expired_signature}"
     )
@@ -261,8 +302,10 @@ async def test_tampered_or_expired_links_are_403(
 
 
 async def test_link_of_a_deleted_recording_stops_working(
-    client: httpx.AsyncClient, recording: dict[str, Any]
+    client: httpx.AsyncClient, stack: Stack, recording: dict[str, Any]
 ) -> None:
     link = (await client.get(f"/v1/recordings/{recording['id']}/playback")).json()["url"]
+    signed = signed_link(stack, recording["id"], int(time.time()) + 600)
     assert (await client.delete(f"/v1/recordings/{recording['id']}")).status_code == 204
     assert (await client.get(link)).status_code == 404
+    assert (await client.get(signed)).status_code == 404

@@ -1,4 +1,7 @@
-"""Transcripts: versions, submission from elsewhere, validation, and the five exports."""
+"""Transcripts: versions, submission from elsewhere, validation, and the five exports.
+
+Every test runs on the embedded stack and on the scale-out one (``tests/stacks.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ import httpx
 import pytest
 
 from tests.media import wav_bytes
+from tests.stacks import client, stack
 
 pytestmark = pytest.mark.anyio
+__all__ = ["client", "stack"]  # the fixtures that run each test on both stacks
 
 TRANSCRIPT: dict[str, Any] = {
     "language": "en",
@@ -35,7 +40,9 @@ TRANSCRIPT: dict[str, Any] = {
 @pytest.fixture
 async def recording_id(client: httpx.AsyncClient) -> str:
     response = await client.post(
-        "/v1/recordings", params={"filename": "pitch.wav"}, content=wav_bytes(0.5)
+        "/v1/recordings",
+        params={"filename": "pitch.wav", "transcribe": "false"},
+        content=wav_bytes(0.5),
     )
     assert response.status_code == 201
     recording_id: str = response.json()["id"]
