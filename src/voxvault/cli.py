@@ -101,6 +101,7 @@ def serve(
         log_level=log_level,
         loop="uvloop",
         http="httptools",
+        workers=1,  # one process per `serve`: uvicorn's WEB_CONCURRENCY cannot fork an app object
     )
 
 
