@@ -9,6 +9,7 @@ what the attempt wrote.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
@@ -25,6 +26,7 @@ from voxvault import exports
 from voxvault.blobs import BlobStore, open_blob_store
 from voxvault.blobs import keys as blob_keys
 from voxvault.errors import (
+    BackendUnavailable,
     Conflict,
     InvalidRequest,
     MediaLimitExceeded,
@@ -32,7 +34,7 @@ from voxvault.errors import (
     PayloadTooLarge,
     ValidationFailed,
 )
-from voxvault.events import EventBus, ProgressEvent, open_event_bus
+from voxvault.events import EventBus, EventBusClosed, ProgressEvent, Subscription, open_event_bus
 from voxvault.exports import ExportFormat
 from voxvault.jobs import FINISHED, Job, JobQueue, JobStatus, open_job_queue
 from voxvault.media.blobfile import BlobFile
@@ -71,6 +73,8 @@ PLAYBACK_CONTENT_TYPE = "audio/ogg; codecs=opus"
 _MEDIA_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+(\s*;.{0,200})?$")
 _PATCH = TypeAdapter(RecordingPatch)
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,21 @@ def _check_job_id(job_id: str) -> str:
     if not _JOB_ID.fullmatch(job_id):
         raise NotFound(f"no job {job_id[:64]!r}", detail={"job_id": job_id[:64]})
     return job_id
+
+
+class _NoEvents(Subscription):
+    """What a follower gets while the event bus cannot be reached: nothing, at no cost."""
+
+    async def next(self, timeout: float) -> None:  # noqa: ASYNC109 - the port's signature
+        await anyio.sleep(timeout)
+
+    @property
+    def resumed(self) -> bool:
+        return False
+
+    @property
+    def dropped(self) -> int:
+        return 0
 
 
 def _changed(before: ProgressEvent, after: ProgressEvent) -> bool:
@@ -590,7 +609,13 @@ class Vault:
         return f"{self.workspace}:{recording_id}"
 
     async def publish(self, recording_id: str, event: ProgressEvent) -> None:
-        await self.events.publish(self.channel(recording_id), event)
+        """Tell the recording's followers, best effort: an event reports a write already made
+        and followers re-read the stores anyway, so a bus that cannot be reached costs them
+        this event, never the caller its work (an upload, a cancel, a finished job)."""
+        try:
+            await self.events.publish(self.channel(recording_id), event)
+        except BackendUnavailable as exc:
+            log.warning("progress of %s not published: %s", recording_id, exc.message)
 
     async def _enqueue(self, recording_id: str, request: TranscribeRequest) -> Job:
         try:
@@ -729,6 +754,24 @@ class Vault:
             error=recording.error,
         )
 
+    @contextlib.asynccontextmanager
+    async def _follow(
+        self, recording_id: str, last_event_id: str | None
+    ) -> AsyncIterator[Subscription]:
+        """The recording's events; none while the bus cannot be reached, since ``watch``
+        re-reads the stores anyway (the bus is the fast path, the stores the record)."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                subscription: Subscription = await stack.enter_async_context(
+                    self.events.subscribe(self.channel(recording_id), last_event_id=last_event_id)
+                )
+            except EventBusClosed:
+                raise
+            except BackendUnavailable as exc:
+                log.warning("following %s from the stores alone: %s", recording_id, exc.message)
+                subscription = _NoEvents()
+            yield subscription
+
     async def watch(
         self, recording_id: str, *, last_event_id: str | None = None
     ) -> AsyncIterator[tuple[str | None, ProgressEvent]]:
@@ -737,11 +780,10 @@ class Vault:
 
         The stores are re-read every second too, so that progress made by a worker in another
         process shows even with the in-process event bus, and nothing waits on a lost event.
+        Either may be away for a while: the stream goes on with the other, and stays open.
         """
         check_recording_id(recording_id)
-        async with self.events.subscribe(
-            self.channel(recording_id), last_event_id=last_event_id
-        ) as subscription:
+        async with self._follow(recording_id, last_event_id) as subscription:
             try:
                 current = await self.snapshot(recording_id)
             except NotFound:
@@ -767,6 +809,8 @@ class Vault:
                 except NotFound:
                     yield None, ProgressEvent(type="deleted", status=RecordingStatus.DELETING.value)
                     return
+                except BackendUnavailable:
+                    continue  # the stores are away for now: keep the stream, ask them again
                 if _changed(current, fresh):
                     current = fresh
                     yield None, fresh

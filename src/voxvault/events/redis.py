@@ -48,13 +48,14 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import anyio.lowlevel
 from pydantic import ValidationError
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -110,6 +111,35 @@ def _public_id(stream_id: StreamId) -> str:
 
 def _redis_id(stream_id: StreamId) -> str:
     return f"{stream_id[0]}-{stream_id[1]}"
+
+
+class _ReplacesResetConnections(AbstractConnection):
+    """Reconnects before sending on a connection the peer closed while it sat in the pool.
+
+    A reset (Redis restarted, a proxy or the network dropped the link) leaves the stream with an
+    error but no end-of-file, so the pool hands the connection out again, and the write to its
+    closed transport raises the event loop's own error (uvloop's RuntimeError, which ``serve``
+    runs on) rather than ``ConnectionError``: neither the retry nor the adapter's error handling
+    would catch it (redis-py issue #4287; its fix is in no release up to 8.1.0). Checked before
+    each send, a closed transport is replaced: if Redis is back the command goes through, if it
+    is still away the send fails with ``ConnectionError`` like any other.
+    """
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        writer = self._writer
+        if writer is not None and writer.transport.is_closing():
+            await self.disconnect(nowait=True)
+        await super().send_packed_command(command, check_health)
+
+
+def _replacing_reset_connections(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``cls`` (plain, TLS or Unix socket, as the URL chose) with the check above."""
+    if issubclass(cls, _ReplacesResetConnections):
+        return cls
+    made = type(cls.__name__, (_ReplacesResetConnections, cls), {})
+    return cast(type[AbstractConnection], made)
 
 
 class _RedisSubscription(BufferedSubscription):
@@ -194,6 +224,7 @@ class RedisEventBus(EventBus):
         try:
             # Options in the URL win over the defaults, as redis-py has it.
             pool = BlockingConnectionPool.from_url(rest, **{**defaults, "decode_responses": True})
+            pool.connection_class = _replacing_reset_connections(pool.connection_class)
             # Unknown URL options fail now rather than at the first command.
             pool.connection_class(**pool.connection_kwargs)
             return cls(

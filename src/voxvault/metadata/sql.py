@@ -2,6 +2,10 @@
 
 SQLite runs in WAL mode with ``synchronous=FULL`` so that a committed row survives power loss,
 and a busy timeout so that the CLI and a running server can share one database file.
+
+A database that cannot be reached (refused, dropped, gone mid-query) raises ``BackendUnavailable``
+from every statement on the engine, the job queue's included; the pool pings a connection before
+handing it out, so once the server is back the next statement reconnects by itself.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -73,6 +77,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
+
+
+def _unreachable_is_unavailable(context: ExceptionContext) -> None:
+    """Raise a lost or refused connection as ``BackendUnavailable`` (503), not a bare driver error.
+
+    Only driver errors that happened while connecting or that broke the connection: a failing
+    statement on a live connection stays what it is, and so do cancellations. A failed pre-ping
+    is left to the pool, which then opens a new connection.
+    """
+    failure = context.sqlalchemy_exception
+    if context.is_pre_ping or not isinstance(failure, OperationalError | SAInterfaceError):
+        return
+    if context.is_disconnect or context.connection is None:
+        reason = str(context.original_exception).strip().split("\n", 1)[0]
+        raise BackendUnavailable(f"the database is unreachable: {reason}")
 
 
 def _sqlite_explicit_transactions(dbapi_connection: Any, _record: Any) -> None:
@@ -148,6 +167,7 @@ class SqlMetadataStore(MetadataStore):
         self.engine: AsyncEngine = create_async_engine(
             async_url, pool_pre_ping=self.dialect != "sqlite"
         )
+        event.listen(self.engine.sync_engine, "handle_error", _unreachable_is_unavailable)
         if self.dialect == "sqlite":
             database = make_url(async_url).database
             if database and database != ":memory:":
