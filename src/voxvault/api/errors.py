@@ -76,7 +76,10 @@ def _headers_for(exc: errors.VoxVaultError) -> dict[str, str] | None:
 async def _vox_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.VoxVaultError)
     status = status_of(exc)
-    if status >= 500:
+    if isinstance(exc, errors.BackendUnavailable):
+        # Expected while a backend is down: one line each, not a traceback per request.
+        logger.warning("backend unavailable: %s", exc.message)
+    elif status >= 500:
         logger.error("request failed: %s", exc.message, exc_info=exc)
     return error_response(status, exc.code, exc.message, exc.detail, _headers_for(exc))
 

@@ -158,14 +158,19 @@ def _artifact(row: sa.Row[Any]) -> Artifact:
     return Artifact.model_validate(dict(row._mapping))
 
 
+CONNECT_TIMEOUT_S = 5
+
+
 class SqlMetadataStore(MetadataStore):
     def __init__(self, url: str) -> None:
         self.url = url
         async_url, self._sync_url = _driver_urls(url)
         self.dialect = make_url(async_url).get_backend_name()
         # SQLite files cannot drop a connection, so pinging before each use would only cost time.
+        # A server that stops answering (a partition, not a refusal) fails within seconds.
+        connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if self.dialect != "sqlite" else {}
         self.engine: AsyncEngine = create_async_engine(
-            async_url, pool_pre_ping=self.dialect != "sqlite"
+            async_url, pool_pre_ping=self.dialect != "sqlite", connect_args=connect_args
         )
         event.listen(self.engine.sync_engine, "handle_error", _unreachable_is_unavailable)
         if self.dialect == "sqlite":
