@@ -1,13 +1,16 @@
 """Bad input gets a clear 4xx and leaves nothing behind.
 
 Every case checks four things: the exact status, the error body's shape and code, that no
-recording is listed that was not there before, and that the data directory holds exactly the
-files it held before (nothing at all, when the store started empty; staging included).
+recording is listed that was not there before, and that the blob store holds exactly the blobs it
+held before (staging and unfinished uploads included).
+
+The cases run on the embedded stack and on the scale-out one (``tests/stacks.py``); those of a
+store with a small upload limit run on the embedded stack only (it is one more configuration,
+and the limit is enforced per API process alike on both).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import socket
@@ -18,21 +21,20 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 import httpx
 import pytest
-from starlette.types import ASGIApp, Message
 
 from tests.conftest import LiveServer, stored_files
 from tests.media import riff_declaring, sine_samples, wav_bytes
+from tests.stacks import EmbeddedStack, Stack, client, stack
 from voxvault import Settings, Vault
-from voxvault.api import create_app
 from voxvault.api.limits import MAX_JSON_BODY_BYTES
 from voxvault.api.routers.recordings import MULTIPART_OVERHEAD_BYTES
 from voxvault.models import MAX_SEGMENT_TEXT
 
 pytestmark = pytest.mark.anyio
+__all__ = ["client", "stack"]  # the fixtures that run each test on both stacks
 
 BOUNDARY = "voxvault-test-boundary-7f3a"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
@@ -99,29 +101,31 @@ def multipart_body(
 
 @dataclass(frozen=True)
 class StoreState:
-    """What a client and the disk can see of the store."""
+    """What a client and the backends can see of the store."""
 
     recordings: list[dict[str, Any]]
-    files: dict[str, str]  # path under the data directory -> sha256 of its bytes
+    files: dict[str, str]  # blob key -> a fingerprint of its bytes
     usage: dict[str, Any]
 
 
-async def store_state(client: httpx.AsyncClient, data_dir: Path) -> StoreState:
+async def store_state(client: httpx.AsyncClient, stack: Stack) -> StoreState:
     listing = await client.get("/v1/recordings", params={"limit": 500})
     assert listing.status_code == 200, listing.text
     info = await client.get("/v1/storage-info")
     assert info.status_code == 200, info.text
-    files = {
-        str(path.relative_to(data_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in stored_files(data_dir)
-    }
-    return StoreState(listing.json()["items"], files, info.json()["usage"])
+    return StoreState(listing.json()["items"], stack.stored_blobs(), info.json()["usage"])
 
 
-async def assert_store_empty(client: httpx.AsyncClient, data_dir: Path) -> None:
-    state = await store_state(client, data_dir)
+async def assert_store_unchanged(
+    client: httpx.AsyncClient, stack: Stack, before: StoreState
+) -> None:
+    assert await store_state(client, stack) == before
+
+
+async def assert_store_empty(client: httpx.AsyncClient, stack: Stack) -> None:
+    state = await store_state(client, stack)
     assert state.recordings == []
-    assert stored_files(data_dir) == []
+    assert state.files == {}
     assert state.usage == {
         "recordings": 0,
         "recording_bytes": 0,
@@ -140,7 +144,7 @@ class Existing:
     state: StoreState
 
 
-async def make_existing(client: httpx.AsyncClient, data_dir: Path) -> Existing:
+async def make_existing(client: httpx.AsyncClient, stack: Stack) -> Existing:
     audio = wav_bytes(seconds=1.0)
     created = await client.post(
         "/v1/recordings?filename=kept.wav&transcribe=false", content=audio, headers=WAV
@@ -155,19 +159,20 @@ async def make_existing(client: httpx.AsyncClient, data_dir: Path) -> Existing:
         headers={"Content-Type": "text/plain"},
     )
     assert artifact.status_code == 200, artifact.text
-    state = await store_state(client, data_dir)
-    assert [item["id"] for item in state.recordings] == [recording_id]
-    assert len(state.files) == 7  # the original, five transcript files and the artifact
+    state = await store_state(client, stack)
+    assert state.recordings[0]["id"] == recording_id
+    # The original, five transcript files and the artifact.
+    assert len([key for key in state.files if recording_id in key]) == 7
     return Existing(recording_id, audio, state)
 
 
 @pytest.fixture
-async def existing(client: httpx.AsyncClient, data_dir: Path) -> Existing:
-    return await make_existing(client, data_dir)
+async def existing(client: httpx.AsyncClient, stack: Stack) -> Existing:
+    return await make_existing(client, stack)
 
 
-async def assert_unchanged(client: httpx.AsyncClient, data_dir: Path, before: Existing) -> None:
-    after = await store_state(client, data_dir)
+async def assert_unchanged(client: httpx.AsyncClient, stack: Stack, before: Existing) -> None:
+    after = await store_state(client, stack)
     assert after == before.state
     versions = await client.get(f"/v1/recordings/{before.id}/transcript/versions")
     assert [v["version"] for v in versions.json()["items"]] == [1]
@@ -187,50 +192,6 @@ class CountingBody:
         for piece in self.chunks:
             self.sent += len(piece)
             yield piece
-
-
-async def raw_asgi(
-    app: ASGIApp,
-    method: str,
-    raw_path: bytes,
-    body: bytes = b"",
-    headers: Sequence[tuple[bytes, bytes]] = (),
-) -> tuple[int, dict[bytes, bytes], bytes]:
-    """One request straight into the ASGI app, with a path no HTTP client would normalize."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": unquote_to_bytes(raw_path).decode("utf-8", "replace"),
-        "raw_path": raw_path,
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"content-length", str(len(body)).encode()),
-            *headers,
-        ],
-        "client": ("127.0.0.1", 12345),
-        "server": ("testserver", 80),
-        "state": {},
-    }
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        if pending:
-            return pending.pop()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    content = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return start["status"], dict(start["headers"]), content
 
 
 def assert_raw_error(status: int, body: bytes, expected_status: int, code: str) -> None:
@@ -256,9 +217,10 @@ NOT_AUDIO: dict[str, tuple[bytes, int, str]] = {
 @pytest.mark.parametrize("via", ["raw", "multipart"])
 @pytest.mark.parametrize("case", list(NOT_AUDIO))
 async def test_upload_that_is_not_audio_is_refused(
-    client: httpx.AsyncClient, data_dir: Path, case: str, via: str
+    client: httpx.AsyncClient, stack: Stack, case: str, via: str
 ) -> None:
     data, status, code = NOT_AUDIO[case]
+    before = await store_state(client, stack)
     if via == "raw":
         response = await client.post("/v1/recordings?filename=x.wav", content=data, headers=WAV)
     else:
@@ -267,15 +229,18 @@ async def test_upload_that_is_not_audio_is_refused(
             "/v1/recordings", content=body, headers={"Content-Type": MULTIPART}
         )
     assert_error(response, status, code)
-    await assert_store_empty(client, data_dir)
+    await assert_store_unchanged(client, stack, before)
 
 
 async def test_riff_header_declaring_4gib_stores_the_duration_of_the_real_bytes(
-    client: httpx.AsyncClient, data_dir: Path
+    client: httpx.AsyncClient, stack: Stack
 ) -> None:
     body = riff_declaring(0xFFFFFFFF, sine_samples(0.1, 16000))
     assert struct.unpack("<I", body[4:8]) == (0xFFFFFFFF,)
-    response = await client.post("/v1/recordings?filename=liar.wav", content=body, headers=WAV)
+    before = stack.stored_keys()
+    response = await client.post(
+        "/v1/recordings?filename=liar.wav&transcribe=false", content=body, headers=WAV
+    )
     assert response.status_code == 201, response.text
     recording = response.json()
     assert recording["duration_s"] == pytest.approx(0.1, abs=0.01)  # not 37 hours
@@ -283,11 +248,9 @@ async def test_riff_header_declaring_4gib_stores_the_duration_of_the_real_bytes(
     assert recording["sample_rate"] == 16000
     assert (await client.get(f"/v1/recordings/{recording['id']}")).json() == recording
     assert (await client.get(f"/v1/recordings/{recording['id']}/audio")).content == body
-    files = stored_files(data_dir)
-    assert [p.relative_to(data_dir).as_posix() for p in files] == [
-        f"blobs/recordings/{recording['id']}/original"
-    ]
-    assert files[0].stat().st_size == len(body)
+    assert set(stack.stored_keys()) - set(before) == {f"recordings/{recording['id']}/original"}
+    audio = await client.get(f"/v1/recordings/{recording['id']}/audio")
+    assert int(audio.headers["content-length"]) == len(body)
 
 
 # ---- hostile filenames --------------------------------------------------------------------------
@@ -311,8 +274,9 @@ HOSTILE_FILENAMES = {
 
 @pytest.mark.parametrize("case", list(HOSTILE_FILENAMES))
 async def test_hostile_filename_in_the_query_is_refused(
-    client: httpx.AsyncClient, data_dir: Path, case: str
+    client: httpx.AsyncClient, stack: Stack, case: str
 ) -> None:
+    before = await store_state(client, stack)
     response = await client.post(
         "/v1/recordings",
         params={"filename": HOSTILE_FILENAMES[case]},
@@ -321,56 +285,63 @@ async def test_hostile_filename_in_the_query_is_refused(
     )
     error = assert_error(response, 400, "bad_request")
     assert error["detail"] == {"field": "filename"}
-    await assert_store_empty(client, data_dir)
+    await assert_store_unchanged(client, stack, before)
 
 
 @pytest.mark.parametrize(
     "query", ["filename=%00", "filename=a%00.wav", "filename=..%2F..%2Fetc%2Fx"]
 )
 async def test_percent_encoded_hostile_filename_is_refused(
-    client: httpx.AsyncClient, data_dir: Path, query: str
+    client: httpx.AsyncClient, stack: Stack, query: str
 ) -> None:
+    before = await store_state(client, stack)
     response = await client.post(
         f"/v1/recordings?{query}", content=wav_bytes(seconds=0.2), headers=WAV
     )
     assert_error(response, 400, "bad_request")
-    await assert_store_empty(client, data_dir)
+    await assert_store_unchanged(client, stack, before)
 
 
 # (A raw newline would end the part header itself, so that case is only sent in the query.)
 @pytest.mark.parametrize("case", [c for c in HOSTILE_FILENAMES if c != "newline"])
 async def test_hostile_filename_in_a_multipart_part_is_refused(
-    client: httpx.AsyncClient, data_dir: Path, case: str
+    client: httpx.AsyncClient, stack: Stack, case: str
 ) -> None:
     # Raw UTF-8 in the part header, as browsers send it (httpx would percent-escape some bytes).
     filename = HOSTILE_FILENAMES[case].encode()
     body = multipart_body(filename, wav_bytes(seconds=0.2))
+    before = await store_state(client, stack)
     response = await client.post(
         "/v1/recordings", content=body, headers={"Content-Type": MULTIPART}
     )
     error = assert_error(response, 400, "bad_request")
     assert error["detail"] == {"field": "filename"}
-    await assert_store_empty(client, data_dir)
+    await assert_store_unchanged(client, stack, before)
 
 
 @pytest.mark.parametrize("via", ["query", "multipart"])
 async def test_the_same_upload_with_a_plain_name_is_accepted(
-    client: httpx.AsyncClient, data_dir: Path, via: str
+    client: httpx.AsyncClient, stack: Stack, via: str
 ) -> None:
     """The control for the cases above: only the name made them fail."""
     audio = wav_bytes(seconds=0.2)
+    before = stack.stored_keys()
     if via == "query":
         response = await client.post(
-            "/v1/recordings", params={"filename": "é ok.wav"}, content=audio, headers=WAV
+            "/v1/recordings",
+            params={"filename": "é ok.wav", "transcribe": "false"},
+            content=audio,
+            headers=WAV,
         )
     else:
-        body = multipart_body("é ok.wav".encode(), audio)
+        body = multipart_body("é ok.wav".encode(), audio, {"transcribe": "false"})
         response = await client.post(
             "/v1/recordings", content=body, headers={"Content-Type": MULTIPART}
         )
     assert response.status_code == 201, response.text
     assert response.json()["filename"] == "é ok.wav"
-    assert len(stored_files(data_dir)) == 1
+    new = set(stack.stored_keys()) - set(before)
+    assert new == {f"recordings/{response.json()['id']}/original"}
 
 
 # ---- malformed JSON -----------------------------------------------------------------------------
@@ -390,7 +361,7 @@ MALFORMED_JSON = {
 @pytest.mark.parametrize("route", ["patch", "put-transcript"])
 @pytest.mark.parametrize("case", list(MALFORMED_JSON))
 async def test_malformed_json_is_refused(
-    client: httpx.AsyncClient, data_dir: Path, existing: Existing, case: str, route: str
+    client: httpx.AsyncClient, stack: Stack, existing: Existing, case: str, route: str
 ) -> None:
     if route == "patch":
         request = client.patch(
@@ -401,7 +372,7 @@ async def test_malformed_json_is_refused(
             f"/v1/recordings/{existing.id}/transcript", content=MALFORMED_JSON[case], headers=JSON
         )
     assert_error(await request, 400, "malformed_json")
-    await assert_unchanged(client, data_dir, existing)
+    await assert_unchanged(client, stack, existing)
 
 
 INVALID_PATCHES: dict[str, Any] = {
@@ -417,13 +388,13 @@ INVALID_PATCHES: dict[str, Any] = {
 
 @pytest.mark.parametrize("case", list(INVALID_PATCHES))
 async def test_invalid_patch_is_refused(
-    client: httpx.AsyncClient, data_dir: Path, existing: Existing, case: str
+    client: httpx.AsyncClient, stack: Stack, existing: Existing, case: str
 ) -> None:
     response = await client.patch(f"/v1/recordings/{existing.id}", json=INVALID_PATCHES[case])
     error = assert_error(response, 422, "validation_failed")
     assert isinstance(error["detail"], list)
     assert error["detail"]
-    await assert_unchanged(client, data_dir, existing)
+    await assert_unchanged(client, stack, existing)
 
 
 # ---- unknown and malformed recording ids ---------------------------------------------------------
@@ -464,7 +435,7 @@ BAD_IDS = {
 )
 async def test_unknown_or_malformed_id_is_404_on_every_route(
     client: httpx.AsyncClient,
-    data_dir: Path,
+    stack: Stack,
     existing: Existing,
     bad_id: str,
     method: str,
@@ -476,17 +447,17 @@ async def test_unknown_or_malformed_id_is_404_on_every_route(
         method, f"/v1/recordings/{BAD_IDS[bad_id]}{suffix}", content=body, headers=headers
     )
     assert_error(response, 404, "not_found")
-    await assert_unchanged(client, data_dir, existing)
+    await assert_unchanged(client, stack, existing)
 
 
 @pytest.mark.parametrize("suffix", ["/audio", "/artifacts/x"])
 async def test_unknown_id_is_404_on_head(
-    client: httpx.AsyncClient, data_dir: Path, existing: Existing, suffix: str
+    client: httpx.AsyncClient, stack: Stack, existing: Existing, suffix: str
 ) -> None:
     response = await client.head(f"/v1/recordings/{'0' * 32}{suffix}")
     assert response.status_code == 404
     assert response.content == b""
-    await assert_unchanged(client, data_dir, existing)
+    await assert_unchanged(client, stack, existing)
 
 
 @pytest.mark.parametrize("raw_id", [b"..", b"../etc", b"."])
@@ -495,8 +466,7 @@ async def test_unknown_id_is_404_on_head(
 )
 async def test_literal_dot_segments_as_id_are_404(
     client: httpx.AsyncClient,
-    vault: Vault,
-    data_dir: Path,
+    stack: Stack,
     existing: Existing,
     raw_id: bytes,
     method: str,
@@ -507,9 +477,9 @@ async def test_literal_dot_segments_as_id_are_404(
     """HTTP clients collapse ``..`` before sending; a hand-written request does not."""
     raw_path = b"/v1/recordings/" + raw_id + suffix.encode()
     header_list = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    status, _, content = await raw_asgi(create_app(vault), method, raw_path, body, header_list)
+    status, _, content = await stack.raw_request(method, raw_path, body, header_list)
     assert_raw_error(status, content, 404, "not_found")
-    await assert_unchanged(client, data_dir, existing)
+    await assert_unchanged(client, stack, existing)
 
 
 # ---- artifact names -----------------------------------------------------------------------------
@@ -533,7 +503,7 @@ BAD_ARTIFACT_NAMES = {
 @pytest.mark.parametrize("method", ["PUT", "GET", "DELETE"])
 @pytest.mark.parametrize("case", list(BAD_ARTIFACT_NAMES))
 async def test_bad_artifact_name_is_refused(
-    client: httpx.AsyncClient, data_dir: Path, existing: Existing, case: str, method: str
+    client: httpx.AsyncClient, stack: Stack, existing: Existing, case: str, method: str
 ) -> None:
     response = await client.request(
         method,
@@ -542,25 +512,24 @@ async def test_bad_artifact_name_is_refused(
     )
     error = assert_error(response, 400, "bad_request")
     assert error["detail"]["field"] == "name"
-    await assert_unchanged(client, data_dir, existing)
+    await assert_unchanged(client, stack, existing)
 
 
 @pytest.mark.parametrize("name", [b"..", b"../notes.txt", b"../../original", b"./notes.txt"])
 @pytest.mark.parametrize("method", ["PUT", "GET", "DELETE"])
 async def test_literal_dot_segments_in_artifact_names_never_reach_a_file(
     client: httpx.AsyncClient,
-    vault: Vault,
-    data_dir: Path,
+    stack: Stack,
     existing: Existing,
     name: bytes,
     method: str,
 ) -> None:
     raw_path = f"/v1/recordings/{existing.id}/artifacts/".encode() + name
-    status, _, content = await raw_asgi(
-        create_app(vault), method, raw_path, b"overwritten!" if method == "PUT" else b""
+    status, _, content = await stack.raw_request(
+        method, raw_path, b"overwritten!" if method == "PUT" else b""
     )
     assert_raw_error(status, content, 400, "bad_request")
-    await assert_unchanged(client, data_dir, existing)
+    await assert_unchanged(client, stack, existing)
 
 
 # ---- transcripts --------------------------------------------------------------------------------
@@ -622,7 +591,7 @@ INVALID_TRANSCRIPTS: dict[str, bytes] = {
 
 @pytest.mark.parametrize("case", list(INVALID_TRANSCRIPTS))
 async def test_invalid_transcript_is_refused(
-    client: httpx.AsyncClient, data_dir: Path, existing: Existing, case: str
+    client: httpx.AsyncClient, stack: Stack, existing: Existing, case: str
 ) -> None:
     response = await client.put(
         f"/v1/recordings/{existing.id}/transcript", content=INVALID_TRANSCRIPTS[case], headers=JSON
@@ -631,7 +600,7 @@ async def test_invalid_transcript_is_refused(
     assert isinstance(error["detail"], list)
     assert error["detail"]
     assert all(problem["loc"] and problem["msg"] for problem in error["detail"])
-    await assert_unchanged(client, data_dir, existing)
+    await assert_unchanged(client, stack, existing)
     current = await client.get(f"/v1/recordings/{existing.id}/transcript")
     assert current.json()["version"] == 1
     assert [s["text"] for s in current.json()["segments"]] == ["hello", "world"]
@@ -643,12 +612,17 @@ LIMIT = 100_000
 
 
 @pytest.fixture
-async def small_client(data_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """The API over a store that takes uploads of at most ``LIMIT`` bytes."""
+async def small_stack(data_dir: Path) -> AsyncIterator[EmbeddedStack]:
+    """An embedded store that takes uploads of at most ``LIMIT`` bytes."""
     async with await Vault.open(Settings(data_dir=data_dir, max_upload_bytes=LIMIT)) as opened:
-        transport = httpx.ASGITransport(app=create_app(opened))
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
-            yield http
+        yield EmbeddedStack(data_dir, opened)
+
+
+@pytest.fixture
+async def small_client(small_stack: EmbeddedStack) -> AsyncIterator[httpx.AsyncClient]:
+    """The API over the store that takes uploads of at most ``LIMIT`` bytes."""
+    async with small_stack.client() as http:
+        yield http
 
 
 def exactly_limit_wav() -> bytes:
@@ -663,7 +637,7 @@ def assert_too_large(response: httpx.Response) -> None:
 
 
 async def test_declared_length_over_the_limit_is_refused_before_the_body_is_read(
-    small_client: httpx.AsyncClient, data_dir: Path
+    small_client: httpx.AsyncClient, small_stack: Stack
 ) -> None:
     body = CountingBody([wav_bytes(seconds=5.0)])
     response = await small_client.post(
@@ -673,11 +647,11 @@ async def test_declared_length_over_the_limit_is_refused_before_the_body_is_read
     )
     assert_too_large(response)
     assert body.sent == 0
-    await assert_store_empty(small_client, data_dir)
+    await assert_store_empty(small_client, small_stack)
 
 
 async def test_streamed_upload_over_the_limit_is_refused_while_streaming(
-    small_client: httpx.AsyncClient, data_dir: Path
+    small_client: httpx.AsyncClient, small_stack: Stack
 ) -> None:
     body = CountingBody([wav_bytes(seconds=10.0)])
     response = await small_client.post("/v1/recordings?filename=big.wav", content=body, headers=WAV)
@@ -685,18 +659,18 @@ async def test_streamed_upload_over_the_limit_is_refused_while_streaming(
     assert response.request.headers["transfer-encoding"] == "chunked"
     assert_too_large(response)
     assert LIMIT < body.sent < body.total  # it stopped reading soon after the limit
-    await assert_store_empty(small_client, data_dir)
+    await assert_store_empty(small_client, small_stack)
 
 
 async def test_upload_of_exactly_the_limit_is_accepted_and_one_byte_more_is_not(
-    small_client: httpx.AsyncClient, data_dir: Path
+    small_client: httpx.AsyncClient, small_stack: Stack
 ) -> None:
     audio = exactly_limit_wav()
     over = await small_client.post(
         "/v1/recordings?filename=x.wav", content=CountingBody([audio, b"\0"]), headers=WAV
     )
     assert_too_large(over)
-    await assert_store_empty(small_client, data_dir)
+    await assert_store_empty(small_client, small_stack)
     at = await small_client.post(
         "/v1/recordings?filename=x.wav", content=CountingBody([audio]), headers=WAV
     )
@@ -705,7 +679,7 @@ async def test_upload_of_exactly_the_limit_is_accepted_and_one_byte_more_is_not(
 
 
 async def test_multipart_over_the_limit_is_refused_while_streaming(
-    small_client: httpx.AsyncClient, data_dir: Path
+    small_client: httpx.AsyncClient, small_stack: Stack
 ) -> None:
     body = CountingBody(
         [multipart_head(b"big.wav", {"title": "big"}), wav_bytes(seconds=10.0), MULTIPART_TAIL]
@@ -717,11 +691,11 @@ async def test_multipart_over_the_limit_is_refused_while_streaming(
     )
     assert_too_large(response)
     assert body.sent < body.total
-    await assert_store_empty(small_client, data_dir)
+    await assert_store_empty(small_client, small_stack)
 
 
 async def test_multipart_declared_far_over_the_limit_is_refused_before_the_body_is_read(
-    small_client: httpx.AsyncClient, data_dir: Path
+    small_client: httpx.AsyncClient, small_stack: Stack
 ) -> None:
     file_bytes = LIMIT + MULTIPART_OVERHEAD_BYTES
     body = CountingBody(
@@ -734,11 +708,11 @@ async def test_multipart_declared_far_over_the_limit_is_refused_before_the_body_
     )
     assert_too_large(response)
     assert body.sent == 0
-    await assert_store_empty(small_client, data_dir)
+    await assert_store_empty(small_client, small_stack)
 
 
 async def test_multipart_at_the_limit_is_accepted(
-    small_client: httpx.AsyncClient, data_dir: Path
+    small_client: httpx.AsyncClient, small_stack: Stack
 ) -> None:
     body = multipart_body(b"x.wav", exactly_limit_wav(), {"title": "fits"})
     response = await small_client.post(
@@ -746,14 +720,14 @@ async def test_multipart_at_the_limit_is_accepted(
     )
     assert response.status_code == 201, response.text
     assert response.json()["size_bytes"] == LIMIT
-    assert len(stored_files(data_dir)) == 1
+    assert len(small_stack.stored_keys()) == 1
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["declared", "streamed"])
 async def test_artifact_over_the_limit_is_refused_and_keeps_the_old_one(
-    small_client: httpx.AsyncClient, data_dir: Path, declared: bool
+    small_client: httpx.AsyncClient, small_stack: Stack, declared: bool
 ) -> None:
-    existing = await make_existing(small_client, data_dir)
+    existing = await make_existing(small_client, small_stack)
     body = CountingBody([b"\1" * (2 * LIMIT)])
     headers = {"Content-Type": "text/plain"}
     if declared:
@@ -764,15 +738,15 @@ async def test_artifact_over_the_limit_is_refused_and_keeps_the_old_one(
     error = assert_error(response, 413, "too_large")
     assert error["detail"] == {"max_bytes": LIMIT}
     assert body.sent == 0 if declared else LIMIT < body.sent < body.total
-    await assert_unchanged(small_client, data_dir, existing)
+    await assert_unchanged(small_client, small_stack, existing)
     kept = await small_client.get(f"/v1/recordings/{existing.id}/artifacts/notes.txt")
     assert kept.content == b"some notes"
 
 
 async def test_json_body_declared_over_the_json_limit_is_refused_before_it_is_read(
-    small_client: httpx.AsyncClient, data_dir: Path
+    small_client: httpx.AsyncClient, small_stack: Stack
 ) -> None:
-    existing = await make_existing(small_client, data_dir)
+    existing = await make_existing(small_client, small_stack)
     body = CountingBody([b'{"title": "', b"x" * MAX_JSON_BODY_BYTES, b'"}'], chunk=1024 * 1024)
     response = await small_client.patch(
         f"/v1/recordings/{existing.id}",
@@ -781,14 +755,14 @@ async def test_json_body_declared_over_the_json_limit_is_refused_before_it_is_re
     )
     assert_error(response, 413, "too_large")
     assert body.sent == 0
-    await assert_unchanged(small_client, data_dir, existing)
+    await assert_unchanged(small_client, small_stack, existing)
 
 
 @pytest.mark.parametrize("route", ["patch", "put-transcript"])
 async def test_streamed_json_body_over_the_json_limit_is_413(
-    small_client: httpx.AsyncClient, data_dir: Path, route: str
+    small_client: httpx.AsyncClient, small_stack: Stack, route: str
 ) -> None:
-    existing = await make_existing(small_client, data_dir)
+    existing = await make_existing(small_client, small_stack)
     body = CountingBody([b'{"title": "', b"x" * MAX_JSON_BODY_BYTES, b'"}'], chunk=1024 * 1024)
     path = f"/v1/recordings/{existing.id}" + ("" if route == "patch" else "/transcript")
     method = "PATCH" if route == "patch" else "PUT"
@@ -796,10 +770,11 @@ async def test_streamed_json_body_over_the_json_limit_is_413(
     assert "content-length" not in response.request.headers
     assert_error(response, 413, "too_large")
     assert body.sent <= MAX_JSON_BODY_BYTES + 1024 * 1024
-    await assert_unchanged(small_client, data_dir, existing)
+    await assert_unchanged(small_client, small_stack, existing)
 
 
 # ---- interrupted uploads against a real server ---------------------------------------------------
+# Embedded only: they watch the bytes reach the local staging directory and leave it again.
 
 DECLARED = 5_000_000
 SENT = 1_200_000  # over the BlobStore's 1 MiB write buffer, so bytes really reach the disk
