@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import stored_files
 from tests.media import riff_declaring, wav_bytes
+from tests.stacks import EmbeddedStack
 from tests.test_bad_input import make_existing, store_state
 from voxvault import Vault
 from voxvault.api import create_app
@@ -666,9 +667,10 @@ EDGE_CASES: dict[str, tuple[str, str, dict[str, str], bytes, set[int]]] = {
 
 @pytest.mark.parametrize("case", list(EDGE_CASES))
 async def test_edge_request_is_not_a_server_error(
-    client: httpx.AsyncClient, data_dir: Path, case: str
+    client: httpx.AsyncClient, vault: Vault, data_dir: Path, case: str
 ) -> None:
-    existing = await make_existing(client, data_dir)
+    stack = EmbeddedStack(data_dir, vault)
+    existing = await make_existing(client, stack)
     method, url, headers, body, acceptable = EDGE_CASES[case]
     response = await client.request(
         method, url.replace("{id}", existing.id), headers=headers, content=body
@@ -680,5 +682,5 @@ async def test_edge_request_is_not_a_server_error(
         assert set(error) == {"code", "message", "detail"}
         assert error["message"].strip()
     # Nothing was stored, and the store still answers.
-    assert await store_state(client, data_dir) == existing.state
+    assert await store_state(client, stack) == existing.state
     assert (await client.get(f"/v1/recordings/{existing.id}")).status_code == 200
