@@ -482,23 +482,29 @@ class Vault:
     async def write_transcript_files(self, recording_id: str) -> list[Artifact]:
         """(Re)write the ``transcript.{json,srt,vtt,txt,md}`` artifacts from the current version.
 
-        Rendering the newest version each time makes the files follow it whichever writer
-        finishes last; running it twice writes the same bytes.
+        A writer that rendered a version and finds a newer one once its files are written
+        renders again: one that read the newest version before another writer added its own
+        may finish last, and so the files follow the newest version whichever writer finishes
+        last. Running it twice writes the same bytes.
         """
         recording = await self.get_recording(recording_id)
         transcript = await self.get_transcript(recording.id)
-        written = []
-        for fmt in ExportFormat:
-            data = exports.render(transcript, recording, fmt).encode()
-            written.append(
-                await self.put_artifact(
-                    recording.id,
-                    f"transcript.{fmt.value}",
-                    _once(data),
-                    content_type=exports.MEDIA_TYPES[fmt],
+        while True:
+            written = []
+            for fmt in ExportFormat:
+                data = exports.render(transcript, recording, fmt).encode()
+                written.append(
+                    await self.put_artifact(
+                        recording.id,
+                        f"transcript.{fmt.value}",
+                        _once(data),
+                        content_type=exports.MEDIA_TYPES[fmt],
+                    )
                 )
-            )
-        return written
+            newest = await self.get_transcript(recording.id)
+            if newest.version == transcript.version:
+                return written
+            transcript = newest
 
     async def get_transcript(self, recording_id: str, version: int | None = None) -> Transcript:
         return await self.metadata.get_transcript(
