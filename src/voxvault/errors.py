@@ -11,12 +11,15 @@ one place, ``voxvault.api.errors``.
     │   └── EmptyUpload                (400 empty_upload)
     ├── SignatureInvalid               (403 signature_invalid: tampered or expired URL)
     ├── NotFound                       (404 not_found)
+    │   └── Gone                       (410 gone: it existed, and was ended or expired)
     ├── Conflict                       (409 conflict)
+    ├── PreconditionFailed             (412 precondition_failed: e.g. an unsupported tus version)
     ├── PayloadTooLarge                (413 too_large)
     ├── UnsupportedMedia               (415 unsupported_media: not audio we can decode)
     ├── RangeNotSatisfiable            (416 range_not_satisfiable)
     ├── ValidationFailed               (422 validation_failed: well-formed but invalid fields)
     │   └── MediaLimitExceeded         (422 media_limit_exceeded: too long, slow or big to decode)
+    ├── ChecksumMismatch               (460 checksum_mismatch: a chunk does not match its checksum)
     ├── BackendUnavailable             (503 backend_unavailable: a store cannot be reached)
     └── ConfigurationError             (raised at start-up; never reaches a client)
 """
@@ -53,8 +56,16 @@ class NotFound(VoxVaultError):
     code = "not_found"
 
 
+class Gone(NotFound):
+    code = "gone"
+
+
 class Conflict(VoxVaultError):
     code = "conflict"
+
+
+class PreconditionFailed(VoxVaultError):
+    code = "precondition_failed"
 
 
 class PayloadTooLarge(VoxVaultError):
@@ -79,6 +90,10 @@ class ValidationFailed(VoxVaultError):
 
 class MediaLimitExceeded(ValidationFailed):
     code = "media_limit_exceeded"
+
+
+class ChecksumMismatch(VoxVaultError):
+    code = "checksum_mismatch"
 
 
 class BackendUnavailable(VoxVaultError):

@@ -11,7 +11,7 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from voxvault.errors import ConfigurationError
@@ -59,6 +59,25 @@ class Settings(BaseSettings):
     job_max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
     job_retry_delay_s: Annotated[float, Field(ge=0, le=3600)] = 5
     """Delay before the first retry; each further retry waits twice as long."""
+    gc_grace_s: Annotated[float, Field(ge=0)] = 3600
+    """Orphaned blobs, staging leftovers and scratch directories younger than this are kept by
+    ``voxvault gc`` and the sweeper, and not reported by ``voxvault fsck``: they may belong to
+    an upload or a delete in progress."""
+    sweep_interval_s: Annotated[int, Field(ge=0)] = 3600
+    """How often the server runs its sweeps (status repair, gc), once per cluster; 0: never.
+    A divisor of 60 s or a whole number of minutes dividing an hour (they run on a clock)."""
+    upload_ttl: Annotated[int, Field(gt=0)] = 24 * 3600
+    """Seconds a resumable upload stays resumable after its last chunk; then its bytes are swept."""
+
+    @field_validator("sweep_interval_s")
+    @classmethod
+    def _sweep_on_a_clock(cls, value: int) -> int:
+        minutes, seconds = divmod(value, 60)
+        if value == 0 or (value < 60 and 60 % value == 0):
+            return value
+        if not seconds and minutes <= 60 and 60 % minutes == 0:
+            return value
+        raise ValueError("must be 0, a divisor of 60 s, or whole minutes dividing an hour")
 
     @model_validator(mode="after")
     def _fill_backend_urls(self) -> Settings:

@@ -9,6 +9,7 @@ what the attempt wrote.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 import anyio.to_thread
@@ -37,6 +38,7 @@ from voxvault.errors import (
 from voxvault.events import EventBus, EventBusClosed, ProgressEvent, Subscription, open_event_bus
 from voxvault.exports import ExportFormat
 from voxvault.jobs import FINISHED, Job, JobQueue, JobStatus, open_job_queue
+from voxvault.maintenance import FsckReport, GcReport, collect_garbage, fsck
 from voxvault.media.blobfile import BlobFile
 from voxvault.media.probe import probe
 from voxvault.metadata import DEFAULT_WORKSPACE, MetadataStore, open_metadata_store
@@ -63,6 +65,9 @@ from voxvault.names import (
 )
 from voxvault.settings import MAX_PLAYBACK_URL_TTL, Settings
 from voxvault.signing import PlaybackSigner
+
+if TYPE_CHECKING:
+    from voxvault.uploads import ResumableUploads
 
 FILE_CHUNK_BYTES = 1024 * 1024
 TRANSCRIBE_JOB = "transcribe"
@@ -178,7 +183,12 @@ class Vault:
                 await metadata.migrate()
             blobs = open_blob_store(settings.blob_url)
             signer = PlaybackSigner(settings.load_secret_key())
-            jobs = open_job_queue(settings.queue_url, metadata, lease_seconds=settings.job_lease_s)
+            jobs = open_job_queue(
+                settings.queue_url,
+                metadata,
+                lease_seconds=settings.job_lease_s,
+                sweep_every_s=settings.sweep_interval_s or None,
+            )
             await jobs.open(migrate=migrate)
             try:
                 events = open_event_bus(settings.events_url)
@@ -228,13 +238,16 @@ class Vault:
         metadata: Mapping[str, Any] | None = None,
         declared_size: int | None = None,
         transcribe: bool = True,
+        recording_id: str | None = None,
     ) -> Recording:
         """Store an upload, verify it is decodable audio, and record it.
 
         With ``transcribe`` (the default) a pipeline job is queued and the recording starts
         ``queued``; without, it stays ``stored`` (for apps that bring their own transcript).
         Refused uploads (too large, empty, not audio, too long, invalid fields) leave no bytes
-        and no row, and so does a failure to queue the job.
+        and no row, and so does a failure to queue the job. ``recording_id`` is for a caller
+        that chose the id beforehand so that a retry after a crash finds its recording (a
+        completed resumable upload); it must not run twice at once for one id.
         """
         filename = check_filename(filename)
         fields = self._validate_patch(
@@ -246,7 +259,7 @@ class Vault:
                 f"the upload of {declared_size} bytes exceeds the limit of {limit} bytes",
                 detail={"max_bytes": limit},
             )
-        recording_id = new_recording_id()
+        recording_id = check_recording_id(recording_id) if recording_id else new_recording_id()
         key = blob_keys.recording_original(recording_id)
         stored = await self.blobs.put_stream(key, chunks, max_bytes=limit)
         inserted = False
@@ -820,6 +833,25 @@ class Vault:
                 if _changed(current, fresh):
                     current = fresh
                     yield None, fresh
+
+    # ---- resumable uploads --------------------------------------------------------------------
+
+    @functools.cached_property
+    def uploads(self) -> ResumableUploads:
+        """Resumable (tus) uploads of this workspace; each becomes a recording once complete."""
+        from voxvault.uploads import ResumableUploads
+
+        return ResumableUploads(self)
+
+    # ---- maintenance (every workspace; voxvault.maintenance) ---------------------------------
+
+    async def fsck(self, *, grace_s: float | None = None) -> FsckReport:
+        """Re-hash every blob against its recorded sha256; report missing blobs and orphans."""
+        return await fsck(self, grace_s=grace_s)
+
+    async def collect_garbage(self, *, grace_s: float | None = None) -> GcReport:
+        """Remove orphans, staging leftovers, stale scratch directories, expired uploads."""
+        return await collect_garbage(self, grace_s=grace_s)
 
     # ---- the service itself -------------------------------------------------------------------
 

@@ -13,7 +13,15 @@ from fastapi import FastAPI
 from voxvault import __version__
 from voxvault.api.errors import install_error_handlers
 from voxvault.api.limits import JsonBodyLimit
-from voxvault.api.routers import artifacts, jobs, playback, recordings, system, transcripts
+from voxvault.api.routers import (
+    artifacts,
+    jobs,
+    playback,
+    recordings,
+    system,
+    transcripts,
+    tus,
+)
 from voxvault.pipeline.worker import run_workers, transcriber_beside_api
 from voxvault.settings import Settings
 from voxvault.vault import Vault
@@ -54,6 +62,7 @@ def create_app(
         app.state.vault = vault
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit)
-    for router in (system, recordings, jobs, transcripts, artifacts, playback):
+    app.add_middleware(tus.TusHeaders)
+    for router in (system, recordings, jobs, transcripts, artifacts, playback, tus):
         app.include_router(router.router)
     return app

@@ -25,11 +25,14 @@ STATUS: dict[type[errors.VoxVaultError], int] = {
     errors.InvalidRequest: 400,
     errors.SignatureInvalid: 403,
     errors.NotFound: 404,
+    errors.Gone: 410,
     errors.Conflict: 409,
+    errors.PreconditionFailed: 412,
     errors.PayloadTooLarge: 413,
     errors.UnsupportedMedia: 415,
     errors.RangeNotSatisfiable: 416,
     errors.ValidationFailed: 422,
+    errors.ChecksumMismatch: 460,  # tus checksum extension
     errors.BackendUnavailable: 503,
 }
 
@@ -70,6 +73,11 @@ def _headers_for(exc: errors.VoxVaultError) -> dict[str, str] | None:
         return {"Content-Range": f"bytes */{exc.size}"}
     if isinstance(exc, errors.BackendUnavailable):
         return {"Retry-After": "5"}
+    if isinstance(exc, errors.PreconditionFailed) and isinstance(exc.detail, dict):
+        # tus: a refused protocol version names the versions this server speaks.
+        versions = exc.detail.get("supported_versions")
+        if isinstance(versions, list):
+            return {"Tus-Version": ",".join(str(v) for v in versions)}
     return None
 
 

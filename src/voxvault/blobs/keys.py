@@ -35,3 +35,12 @@ def recording_artifact(recording_id: str, name: str) -> str:
 
 def recording_playback(recording_id: str) -> str:
     return f"recordings/{recording_id}/playback.opus"
+
+
+def upload_prefix(upload_id: str) -> str:
+    """Everything a resumable upload has staged (handbook §2: ``uploads/{upload_id}``)."""
+    return f"uploads/{upload_id}/"
+
+
+def upload_part(upload_id: str, name: str) -> str:
+    return f"uploads/{upload_id}/parts/{name}"

@@ -168,3 +168,23 @@ jobs = Table(
         postgresql_where=text("status IN ('queued', 'running')"),
     ),
 )
+
+# Resumable uploads (tus): the state any API process needs to continue one; the bytes are part
+# blobs under ``uploads/{id}/``, listed in ``parts`` in order once each is durable.
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("workspace_id", String(64), ForeignKey("workspaces.id"), nullable=False),
+    Column("upload_length", BigInteger, nullable=False),
+    Column("upload_offset", BigInteger, nullable=False),
+    Column("parts", JSON, nullable=False),
+    Column("metadata", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("recording_id", String(64), nullable=False),
+    Column("error", String(4000)),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Index("ix_uploads_expires_at", "expires_at"),
+)

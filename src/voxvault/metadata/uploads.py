@@ -1,0 +1,338 @@
+"""The UploadStore port: the state of resumable uploads, shared by every API process.
+
+An upload's bytes are part blobs (``uploads/{id}/parts/{name}``); its row lists the parts that
+are durable, in order, and the offset they add up to. The offset moves only by a conditional
+update (``append_part``), so of two processes writing at the same offset exactly one wins.
+
+::
+
+    active ──(last part)──> completing ──> completed
+       │                        │
+       └──(DELETE, expiry)──────┴──(refused: not audio, too long...)──> terminated
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from voxvault.errors import NotFound
+from voxvault.metadata.base import MetadataStore
+from voxvault.metadata.tables import uploads
+
+
+class UploadStatus(enum.StrEnum):
+    ACTIVE = "active"
+    COMPLETING = "completing"
+    COMPLETED = "completed"
+    TERMINATED = "terminated"
+
+
+@dataclass(frozen=True, slots=True)
+class UploadPart:
+    name: str
+    """The blob's name under ``uploads/{id}/parts/``; unique, so racing writers never share one."""
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    id: str
+    workspace: str
+    length: int
+    offset: int
+    metadata: dict[str, str]
+    status: UploadStatus
+    recording_id: str
+    """Chosen at creation: the recording the upload becomes, so a retried completion finds it."""
+    created_at: datetime
+    updated_at: datetime
+    """For a ``completing`` upload, the last sign of life of the process completing it."""
+    expires_at: datetime
+    parts: tuple[UploadPart, ...] = field(default=())
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.offset == self.length
+
+
+class UploadStore(ABC):
+    @abstractmethod
+    async def create_upload(self, upload: Upload) -> None: ...
+
+    @abstractmethod
+    async def get_upload(self, workspace: str, upload_id: str) -> Upload:
+        """The upload in any status; ``NotFound`` once its row is gone."""
+
+    @abstractmethod
+    async def append_part(
+        self,
+        workspace: str,
+        upload_id: str,
+        *,
+        expected_offset: int,
+        part: UploadPart,
+        now: datetime,
+        expires_at: datetime,
+    ) -> Upload | None:
+        """Add a durable part at ``expected_offset`` and move the offset past it, atomically.
+
+        Only while the upload is ``active``, unexpired at ``now`` and still at that offset;
+        otherwise nothing changes and the answer is None. The part that fills the upload makes
+        it ``completing`` (claimed by the caller, at ``now``)."""
+
+    @abstractmethod
+    async def claim_completion(
+        self, workspace: str, upload_id: str, *, now: datetime, stale_before: datetime
+    ) -> Upload | None:
+        """Claim a full upload for completion: an ``active`` one, or a ``completing`` one whose
+        claimer gave no sign of life since ``stale_before`` (it crashed). None when not ours."""
+
+    @abstractmethod
+    async def renew_claim(self, workspace: str, upload_id: str, now: datetime) -> None:
+        """A sign of life of the process completing the upload."""
+
+    @abstractmethod
+    async def settle_upload(
+        self,
+        workspace: str,
+        upload_id: str,
+        status: UploadStatus,
+        *,
+        from_statuses: Sequence[UploadStatus],
+        now: datetime,
+        expires_at: datetime,
+        error: str | None = None,
+        expired_before: datetime | None = None,
+    ) -> bool:
+        """Move to ``status`` (forgetting the parts) if the upload is in one of
+        ``from_statuses`` (and, with ``expired_before``, expired by then); False otherwise."""
+
+    @abstractmethod
+    async def list_expired_uploads(self, now: datetime, limit: int = 500) -> list[Upload]:
+        """Uploads of every workspace whose ``expires_at`` is before ``now``, oldest first."""
+
+    @abstractmethod
+    async def delete_upload(self, workspace: str, upload_id: str) -> bool: ...
+
+
+def _part(value: Any) -> UploadPart:
+    return UploadPart(name=str(value["name"]), size=int(value["size"]))
+
+
+def _upload(row: sa.Row[Any]) -> Upload:
+    return Upload(
+        id=row.id,
+        workspace=row.workspace_id,
+        length=row.upload_length,
+        offset=row.upload_offset,
+        metadata=dict(row._mapping["metadata"]),
+        status=UploadStatus(row.status),
+        recording_id=row.recording_id,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        expires_at=row.expires_at,
+        parts=tuple(_part(p) for p in row.parts),
+        error=row.error,
+    )
+
+
+def _parts_json(parts: Sequence[UploadPart]) -> list[dict[str, Any]]:
+    return [{"name": p.name, "size": p.size} for p in parts]
+
+
+class SqlUploadStore(UploadStore):
+    """Upload rows on the metadata store's own SQLAlchemy engine (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @staticmethod
+    def _row(workspace: str, upload_id: str) -> sa.ColumnElement[bool]:
+        return sa.and_(uploads.c.id == upload_id, uploads.c.workspace_id == workspace)
+
+    async def create_upload(self, upload: Upload) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                uploads.insert().values(
+                    id=upload.id,
+                    workspace_id=upload.workspace,
+                    upload_length=upload.length,
+                    upload_offset=upload.offset,
+                    parts=_parts_json(upload.parts),
+                    metadata=upload.metadata,
+                    status=upload.status.value,
+                    recording_id=upload.recording_id,
+                    error=upload.error,
+                    created_at=upload.created_at,
+                    updated_at=upload.updated_at,
+                    expires_at=upload.expires_at,
+                )
+            )
+
+    async def _fetch(self, conn: AsyncConnection, workspace: str, upload_id: str) -> Upload:
+        row = (
+            await conn.execute(sa.select(uploads).where(self._row(workspace, upload_id)))
+        ).one_or_none()
+        if row is None:
+            raise NotFound(f"no upload {upload_id!r}", detail={"upload_id": upload_id})
+        return _upload(row)
+
+    async def get_upload(self, workspace: str, upload_id: str) -> Upload:
+        async with self.engine.connect() as conn:
+            return await self._fetch(conn, workspace, upload_id)
+
+    async def append_part(
+        self,
+        workspace: str,
+        upload_id: str,
+        *,
+        expected_offset: int,
+        part: UploadPart,
+        now: datetime,
+        expires_at: datetime,
+    ) -> Upload | None:
+        try:
+            current = await self.get_upload(workspace, upload_id)
+        except NotFound:
+            return None
+        offset = expected_offset + part.size
+        if (
+            current.status is not UploadStatus.ACTIVE
+            or current.offset != expected_offset
+            or current.expires_at <= now
+            or offset > current.length
+        ):
+            return None
+        status = UploadStatus.COMPLETING if offset == current.length else UploadStatus.ACTIVE
+        parts = (*current.parts, part)
+        # The WHERE repeats what was read: the parts change only with the offset and the status,
+        # so a writer that got in between has moved one of them and this update changes nothing
+        # (PostgreSQL re-checks the WHERE after waiting for that writer's row lock; SQLite runs
+        # one writer at a time). The read stays outside the write transaction, since SQLite
+        # cannot turn a read transaction that another writer overtook into a write.
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                uploads.update()
+                .where(
+                    self._row(workspace, upload_id),
+                    uploads.c.upload_offset == expected_offset,
+                    uploads.c.status == UploadStatus.ACTIVE.value,
+                    uploads.c.expires_at > now,
+                )
+                .values(
+                    upload_offset=offset,
+                    parts=_parts_json(parts),
+                    status=status.value,
+                    updated_at=now,
+                    expires_at=expires_at,
+                )
+            )
+            if result.rowcount != 1:
+                return None
+        return replace(
+            current,
+            offset=offset,
+            parts=parts,
+            status=status,
+            updated_at=now,
+            expires_at=expires_at,
+        )
+
+    async def claim_completion(
+        self, workspace: str, upload_id: str, *, now: datetime, stale_before: datetime
+    ) -> Upload | None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                uploads.update()
+                .where(
+                    self._row(workspace, upload_id),
+                    uploads.c.upload_offset == uploads.c.upload_length,
+                    sa.or_(
+                        uploads.c.status == UploadStatus.ACTIVE.value,
+                        sa.and_(
+                            uploads.c.status == UploadStatus.COMPLETING.value,
+                            uploads.c.updated_at < stale_before,
+                        ),
+                    ),
+                )
+                .values(status=UploadStatus.COMPLETING.value, updated_at=now)
+            )
+            if result.rowcount != 1:
+                return None
+            return await self._fetch(conn, workspace, upload_id)
+
+    async def renew_claim(self, workspace: str, upload_id: str, now: datetime) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                uploads.update()
+                .where(
+                    self._row(workspace, upload_id),
+                    uploads.c.status == UploadStatus.COMPLETING.value,
+                )
+                .values(updated_at=now)
+            )
+
+    async def settle_upload(
+        self,
+        workspace: str,
+        upload_id: str,
+        status: UploadStatus,
+        *,
+        from_statuses: Sequence[UploadStatus],
+        now: datetime,
+        expires_at: datetime,
+        error: str | None = None,
+        expired_before: datetime | None = None,
+    ) -> bool:
+        conditions = [
+            self._row(workspace, upload_id),
+            uploads.c.status.in_([s.value for s in from_statuses]),
+        ]
+        if expired_before is not None:
+            conditions.append(uploads.c.expires_at < expired_before)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                uploads.update()
+                .where(*conditions)
+                .values(
+                    status=status.value,
+                    parts=[],
+                    error=error[:4000] if error else None,
+                    updated_at=now,
+                    expires_at=expires_at,
+                )
+            )
+            return result.rowcount == 1
+
+    async def list_expired_uploads(self, now: datetime, limit: int = 500) -> list[Upload]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(uploads)
+                .where(uploads.c.expires_at < now)
+                .order_by(uploads.c.expires_at, uploads.c.id)
+                .limit(limit)
+            )
+            return [_upload(row) for row in rows]
+
+    async def delete_upload(self, workspace: str, upload_id: str) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(uploads.delete().where(self._row(workspace, upload_id)))
+            return result.rowcount == 1
+
+
+def open_upload_store(metadata: MetadataStore) -> UploadStore:
+    """The upload store that lives beside ``metadata``, in the same database."""
+    from voxvault.metadata.sql import SqlMetadataStore
+
+    if not isinstance(metadata, SqlMetadataStore):  # pragma: no cover - the only adapter today
+        raise NotImplementedError(f"no upload store beside {type(metadata).__name__}")
+    return SqlUploadStore(metadata.engine)

@@ -1,0 +1,485 @@
+"""Resumable uploads (tus 1.0 semantics, no HTTP here): chunks in, one recording out.
+
+Each chunk becomes one part blob, streamed through the BlobStore port (local files or S3 alike);
+only once the part is durable does a conditional update move the upload's offset past it, so
+the offset a client is told is always backed by bytes, whichever process it asks, and after a
+crash or restart an upload resumes at the last durable offset.
+
+The chunk that fills the upload completes it: the parts, in order, are one byte stream into
+``Vault.create_recording`` — the same size, probe, duration and transcription rules as a plain
+upload — under a recording id chosen when the upload was created. The completing process holds
+a lease it renews; a completion whose process died is taken over (by the client's next HEAD or
+PATCH) and finishes exactly once, since its recording id is known beforehand. Refused media
+(not audio, too long) terminates the upload and removes its parts.
+
+Abandoned uploads expire ``upload_ttl`` seconds after their last chunk; ``expire_uploads``
+removes them with their parts (``voxvault gc`` and the periodic sweeper call it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import anyio.abc
+from pydantic import ValidationError
+
+from voxvault.blobs import keys as blob_keys
+from voxvault.errors import (
+    BackendUnavailable,
+    ChecksumMismatch,
+    Conflict,
+    Gone,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    VoxVaultError,
+)
+from voxvault.metadata.uploads import Upload, UploadPart, UploadStatus, open_upload_store
+from voxvault.models import RecordingPatch, validation_failed
+from voxvault.names import check_filename, new_recording_id
+
+if TYPE_CHECKING:
+    from voxvault.vault import Vault
+
+__all__ = [
+    "CHECKSUM_ALGORITHMS",
+    "BodyCut",
+    "Checksum",
+    "ResumableUploads",
+    "Upload",
+    "UploadStatus",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKSUM_ALGORITHMS: Final = ("sha1", "sha256", "md5")
+METADATA_KEYS: Final = ("filename", "title", "content_type", "tags", "transcribe")
+MAX_METADATA_VALUE_BYTES = 16 * 1024
+COMPLETION_LEASE_S = 60.0
+"""A completing upload whose process gave no sign of life for this long is taken over."""
+_UPLOAD_ID_LENGTH = 32
+_HEX = frozenset("0123456789abcdef")
+
+
+class BodyCut(Exception):
+    """The sender went away in the middle of a chunk (raised by the front-end's body stream)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Checksum:
+    algorithm: str
+    digest: bytes
+
+    @classmethod
+    def parse(cls, value: str) -> Checksum:
+        """``<algorithm> <base64 digest>``, as in tus's ``Upload-Checksum``."""
+        algorithm, _, encoded = value.strip().partition(" ")
+        algorithm = algorithm.lower()
+        if algorithm not in CHECKSUM_ALGORITHMS:
+            raise InvalidRequest(
+                f"unsupported checksum algorithm {algorithm[:20]!r}",
+                detail={"supported": list(CHECKSUM_ALGORITHMS)},
+            )
+        try:
+            digest = base64.b64decode(encoded.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("the checksum is not valid base64") from None
+        if len(digest) != hashlib.new(algorithm).digest_size:
+            raise InvalidRequest(
+                f"a {algorithm} checksum is {hashlib.new(algorithm).digest_size} bytes"
+            )
+        return cls(algorithm, digest)
+
+
+def check_upload_id(upload_id: str) -> str:
+    if len(upload_id) != _UPLOAD_ID_LENGTH or not set(upload_id) <= _HEX:
+        raise NotFound(f"no upload {upload_id[:64]!r}", detail={"upload_id": upload_id[:64]})
+    return upload_id
+
+
+def _flag(value: str | None) -> bool:
+    if value is None:
+        return True
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise InvalidRequest("the transcribe metadata must be true or false")
+
+
+def _tags(value: str | None) -> list[str]:
+    return [t.strip() for t in (value or "").split(",") if t.strip()]
+
+
+def check_upload_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Refuse at creation what completion would refuse anyway: a bad filename, title or tags."""
+    for key, value in metadata.items():
+        if len(value.encode()) > MAX_METADATA_VALUE_BYTES:
+            raise InvalidRequest(f"the metadata value of {key[:40]!r} is too long")
+    check_filename(metadata.get("filename"))
+    _flag(metadata.get("transcribe"))
+    try:
+        RecordingPatch.model_validate(
+            {
+                k: v
+                for k, v in {
+                    "title": metadata.get("title"),
+                    "tags": _tags(metadata.get("tags")),
+                }.items()
+                if v is not None
+            }
+        )
+    except ValidationError as exc:
+        raise validation_failed(exc) from None
+    return dict(metadata)
+
+
+class _Lease:
+    """Renews a completion claim while the completion runs."""
+
+    def __init__(self, uploads: ResumableUploads, upload: Upload) -> None:
+        self._uploads = uploads
+        self._upload = upload
+
+    async def keep(self) -> None:
+        while True:
+            await anyio.sleep(COMPLETION_LEASE_S / 4)
+            try:
+                await self._uploads.store.renew_claim(
+                    self._upload.workspace, self._upload.id, _now()
+                )
+            except BackendUnavailable as exc:
+                log.warning("completion lease of upload %s not renewed: %s", self._upload.id, exc)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ResumableUploads:
+    """The resumable uploads of one workspace (``Vault.uploads``)."""
+
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+        self.store = open_upload_store(vault.metadata)
+
+    @property
+    def max_size(self) -> int:
+        return self.vault.settings.max_upload_bytes
+
+    def _ttl(self) -> timedelta:
+        return timedelta(seconds=self.vault.settings.upload_ttl)
+
+    # ---- creation ----------------------------------------------------------------------------
+
+    async def create(self, length: int, metadata: Mapping[str, str] | None = None) -> Upload:
+        """A new, empty upload of ``length`` bytes (``PayloadTooLarge`` past the limit)."""
+        if length < 0:
+            raise InvalidRequest("the upload length cannot be negative")
+        if length > self.max_size:
+            raise PayloadTooLarge(
+                f"the upload of {length} bytes exceeds the limit of {self.max_size} bytes",
+                detail={"max_bytes": self.max_size},
+            )
+        checked = check_upload_metadata(metadata or {})
+        now = _now()
+        upload = Upload(
+            id=uuid.uuid4().hex,
+            workspace=self.vault.workspace,
+            length=length,
+            offset=0,
+            metadata=checked,
+            status=UploadStatus.ACTIVE,
+            recording_id=new_recording_id(),
+            created_at=now,
+            updated_at=now,
+            expires_at=now + self._ttl(),
+        )
+        await self.store.create_upload(upload)
+        return upload
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    async def get(self, upload_id: str) -> Upload:
+        """The upload's state; ``Gone`` once terminated or expired.
+
+        A full upload whose completion was cut short (its process died) is completed here, so
+        that a client asking after a lost response learns the recording it became.
+        """
+        upload = await self._get_live(upload_id)
+        if upload.status is UploadStatus.COMPLETING:
+            upload = await self._take_over(upload)
+        return upload
+
+    async def _get_live(self, upload_id: str) -> Upload:
+        upload = await self.store.get_upload(self.vault.workspace, check_upload_id(upload_id))
+        if upload.status is UploadStatus.TERMINATED:
+            raise Gone(
+                f"upload {upload_id!r} was terminated"
+                + (f": {upload.error}" if upload.error else ""),
+                detail={"upload_id": upload_id},
+            )
+        if upload.status is UploadStatus.ACTIVE and upload.expires_at <= _now():
+            raise Gone(f"upload {upload_id!r} has expired", detail={"upload_id": upload_id})
+        return upload
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    async def append(
+        self,
+        upload_id: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        offset: int,
+        checksum: Checksum | None = None,
+        declared_size: int | None = None,
+    ) -> Upload:
+        """Store one chunk at ``offset``, which must be the upload's offset (else ``Conflict``).
+
+        With a ``checksum`` the chunk is kept only if it matches (else ``ChecksumMismatch``,
+        nothing kept); without one, a chunk cut short by the client going away (``BodyCut``)
+        keeps the bytes that arrived. The chunk that fills the upload completes it.
+        """
+        upload = await self._get_live(upload_id)
+        if offset != upload.offset:
+            raise Conflict(
+                f"the upload is at offset {upload.offset}, not {offset}",
+                detail={"upload_offset": upload.offset},
+            )
+        remaining = upload.length - upload.offset
+        if declared_size is not None and declared_size > remaining:
+            raise PayloadTooLarge(
+                f"the chunk of {declared_size} bytes passes the upload's length of "
+                f"{upload.length} bytes",
+                detail={"upload_length": upload.length, "upload_offset": upload.offset},
+            )
+        if upload.complete:
+            # A retry of the final chunk whose response was lost: nothing more to store.
+            return await self.get(upload_id) if upload.status is UploadStatus.COMPLETING else upload
+        name = f"{len(upload.parts):08d}-{secrets.token_hex(4)}"
+        key = blob_keys.upload_part(upload.id, name)
+        stored = await self.vault.blobs.put_stream(
+            key, _verified(chunks, checksum), max_bytes=remaining, allow_empty=True
+        )
+        if stored.size == 0:
+            await self.vault.blobs.delete(key)
+            return upload
+        now = _now()
+        # Shielded: once the part is durable, the row must learn of it or the part must go.
+        with anyio.CancelScope(shield=True):
+            try:
+                appended = await self.store.append_part(
+                    upload.workspace,
+                    upload.id,
+                    expected_offset=offset,
+                    part=UploadPart(name=name, size=stored.size),
+                    now=now,
+                    expires_at=now + self._ttl(),
+                )
+            except BaseException:
+                await self.vault.blobs.delete(key)
+                raise
+            if appended is None:
+                await self.vault.blobs.delete(key)
+        if appended is None:
+            current = await self._get_live(upload_id)  # Gone when terminated meanwhile
+            raise Conflict(
+                f"another request moved the upload to offset {current.offset} meanwhile",
+                detail={"upload_offset": current.offset},
+            )
+        if appended.status is UploadStatus.COMPLETING:
+            return await self._complete(appended)
+        return appended
+
+    # ---- completion --------------------------------------------------------------------------
+
+    async def _take_over(self, upload: Upload) -> Upload:
+        """Complete a full upload whose completion is not running anywhere (any more)."""
+        now = _now()
+        claimed = await self.store.claim_completion(
+            upload.workspace,
+            upload.id,
+            now=now,
+            stale_before=now - timedelta(seconds=COMPLETION_LEASE_S),
+        )
+        if claimed is None:
+            return upload  # another process is completing it now
+        return await self._complete(claimed)
+
+    async def _complete(self, upload: Upload) -> Upload:
+        """Turn a claimed, full upload into its recording, once; shielded from cancellation,
+        since the client may give up waiting while the bytes are probed."""
+        made: list[Upload] = []
+        failed: list[Exception] = []
+
+        async def make(group: anyio.abc.TaskGroup) -> None:
+            try:
+                made.append(await self._make_recording(upload))
+            except Exception as exc:  # re-raised below, outside the task group's wrapping
+                failed.append(exc)
+            finally:
+                group.cancel_scope.cancel()  # ends the lease renewal
+
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as group:
+                group.start_soon(_Lease(self, upload).keep)
+                group.start_soon(make, group)
+        if failed:
+            raise failed[0]
+        return made[0]
+
+    async def _make_recording(self, upload: Upload) -> Upload:
+        vault = self.vault
+        try:
+            await vault.get_recording(upload.recording_id)
+        except NotFound:
+            meta = upload.metadata
+            try:
+                await vault.create_recording(
+                    self._read_parts(upload),
+                    recording_id=upload.recording_id,
+                    filename=meta.get("filename"),
+                    content_type=meta.get("content_type"),
+                    title=meta.get("title"),
+                    tags=_tags(meta.get("tags")),
+                    declared_size=upload.length,
+                    transcribe=_flag(meta.get("transcribe")),
+                )
+            except BackendUnavailable:
+                raise  # a store is away: the parts stay, and the next HEAD or PATCH retries
+            except VoxVaultError as exc:
+                # Refused (not audio, too long, ...): nothing of the upload is kept.
+                await self._settle(upload, UploadStatus.TERMINATED, error=exc.message)
+                raise
+        return await self._settle(upload, UploadStatus.COMPLETED)
+
+    async def _settle(
+        self, upload: Upload, status: UploadStatus, *, error: str | None = None
+    ) -> Upload:
+        now = _now()
+        # Kept for a while (HEAD answers with the recording, or 410), then swept.
+        expires_at = now + self._ttl()
+        await self.store.settle_upload(
+            upload.workspace,
+            upload.id,
+            status,
+            from_statuses=[UploadStatus.COMPLETING],
+            now=now,
+            expires_at=expires_at,
+            error=error,
+        )
+        await self.vault.blobs.delete_prefix(blob_keys.upload_prefix(upload.id))
+        return Upload(
+            id=upload.id,
+            workspace=upload.workspace,
+            length=upload.length,
+            offset=upload.offset,
+            metadata=upload.metadata,
+            status=status,
+            recording_id=upload.recording_id,
+            created_at=upload.created_at,
+            updated_at=now,
+            expires_at=expires_at,
+            error=error,
+        )
+
+    async def _read_parts(self, upload: Upload) -> AsyncIterator[bytes]:
+        for part in upload.parts:
+            key = blob_keys.upload_part(upload.id, part.name)
+            info = await self.vault.blobs.stat(key)
+            if info.size != part.size:
+                raise BackendUnavailable(
+                    f"part {part.name} of upload {upload.id} holds {info.size} bytes, "
+                    f"not {part.size}"
+                )
+            async for chunk in self.vault.blobs.stream_range(key, 0, part.size):
+                yield chunk
+
+    # ---- termination and expiry --------------------------------------------------------------
+
+    async def terminate(self, upload_id: str) -> None:
+        """End an unfinished upload and remove its bytes; later requests get ``Gone``."""
+        upload = await self._get_live(upload_id)
+        if upload.status is not UploadStatus.ACTIVE:
+            raise Conflict(
+                "the upload is complete; delete the recording it became instead",
+                detail={"recording_id": upload.recording_id},
+            )
+        now = _now()
+        if not await self.store.settle_upload(
+            upload.workspace,
+            upload.id,
+            UploadStatus.TERMINATED,
+            from_statuses=[UploadStatus.ACTIVE],
+            now=now,
+            expires_at=now + self._ttl(),
+            error="terminated by the client",
+        ):
+            await self.terminate(upload_id)  # it moved meanwhile: answer for its new state
+            return
+        with anyio.CancelScope(shield=True):
+            await self.vault.blobs.delete_prefix(blob_keys.upload_prefix(upload.id))
+
+    async def expire_uploads(self, now: datetime | None = None) -> int:
+        """Remove every upload (of every workspace) whose time ran out by ``now``, with its
+        bytes: abandoned unfinished ones, and the records of finished or terminated ones.
+        Returns how many uploads were removed. Safe to run from several processes at once."""
+        now = now or _now()
+        removed = 0
+        while batch := await self.store.list_expired_uploads(now):
+            progressed = False
+            for upload in batch:
+                # Tombstone first, so that no chunk lands after the bytes are gone; a chunk that
+                # extended the upload meanwhile keeps it alive.
+                unfinished = upload.status in (UploadStatus.ACTIVE, UploadStatus.COMPLETING)
+                if unfinished and not await self.store.settle_upload(
+                    upload.workspace,
+                    upload.id,
+                    UploadStatus.TERMINATED,
+                    from_statuses=[upload.status],
+                    now=now,
+                    expires_at=upload.expires_at,
+                    error="expired",
+                    expired_before=now,
+                ):
+                    continue
+                await self.vault.blobs.delete_prefix(blob_keys.upload_prefix(upload.id))
+                if await self.store.delete_upload(upload.workspace, upload.id):
+                    removed += 1
+                progressed = True
+            if not progressed:
+                break
+        return removed
+
+
+async def _verified(
+    chunks: AsyncIterable[bytes], checksum: Checksum | None
+) -> AsyncIterator[bytes]:
+    """The chunk's bytes; raising at the end if they do not match ``checksum``, so the store
+    never commits them. A cut-short body ends the stream (keeping what came) when unchecked."""
+    digest: Any = hashlib.new(checksum.algorithm) if checksum else None
+    try:
+        async for chunk in chunks:
+            if digest is not None:
+                digest.update(chunk)
+            yield chunk
+    except BodyCut:
+        if checksum is not None:
+            raise InvalidRequest("the chunk was cut short; its checksum cannot match") from None
+        return
+    if checksum is not None and digest.digest() != checksum.digest:
+        raise ChecksumMismatch(
+            f"the chunk does not match its {checksum.algorithm} checksum",
+            detail={"algorithm": checksum.algorithm},
+        )
