@@ -46,6 +46,18 @@ class BlobInfo:
     modified_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class StagedLeftover:
+    """Bytes a put staged and nobody will commit: its process died before commit or abort.
+
+    ``name`` is the store's own handle for it (shown to operators, passed to ``remove_staging``).
+    """
+
+    name: str
+    size: int
+    modified_at: datetime
+
+
 class BlobSink(ABC):
     """One put in progress: bytes go to a staging place and become visible only on commit.
 
@@ -171,6 +183,9 @@ class _Lane:
 
 class BlobStore(ABC):
     scheme: ClassVar[str]
+    lists_staging: ClassVar[bool] = False
+    """Whether ``staging_leftovers`` can see what crashed puts left; a store that cannot (S3:
+    obstore cannot list incomplete multipart uploads) relies on the store's own expiry."""
 
     # ---- public behaviour -------------------------------------------------------------------
 
@@ -309,6 +324,15 @@ class BlobStore(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """What ``/v1/storage-info`` shows of this store: backend, location, free space."""
+
+    async def staging_leftovers(self, older_than: datetime) -> tuple[StagedLeftover, ...]:
+        """What crashed puts left in staging, last written before ``older_than``; never the
+        staging of a put still in progress, in this process or another. The default sees none."""
+        return ()
+
+    async def remove_staging(self, leftover: StagedLeftover) -> bool:
+        """Remove a leftover unless a put took it up meanwhile; False when nothing was removed."""
+        return False
 
     async def close(self) -> None:  # noqa: B027 - adapters without resources need nothing here
         """Release connections; the default has nothing to release."""

@@ -3,11 +3,16 @@
 A put writes to ``.staging/`` under the root (same filesystem, so the final rename is atomic),
 fsyncs the file, renames it into place and fsyncs the directory, so a blob is either absent or
 complete and durable — through crashes and power loss.
+
+A put holds an exclusive ``flock`` on its staging file from creation until the file is renamed
+or removed, so a sweep (in any process on this machine) tells a live put's staging from what a
+crashed process left: the kernel drops the lock with its holder.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import os
 import shutil
@@ -23,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 import anyio
 import anyio.to_thread
 
-from voxvault.blobs.base import READ_CHUNK_BYTES, BlobInfo, BlobSink, BlobStore
+from voxvault.blobs.base import READ_CHUNK_BYTES, BlobInfo, BlobSink, BlobStore, StagedLeftover
 from voxvault.blobs.keys import validate_key
 from voxvault.errors import BackendUnavailable, ConfigurationError, NotFound
 
@@ -89,6 +94,11 @@ class _LocalSink(BlobSink):
         self._final = final
         self._staging = staging
         self._fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            self.abort()
+            raise
         self._written = 0
         self._written_back = 0
         self._start_writeback = _writeback_starter()
@@ -107,7 +117,8 @@ class _LocalSink(BlobSink):
 
     def commit(self) -> None:
         os.fsync(self._fd)
-        self._close()
+        # The file stays open, and so locked, until it has its final name: a sweep never sees
+        # an unlocked staging file that a put is about to rename.
         for attempt in range(2):
             _make_dirs_durable(self._final.parent, self._store.root)
             try:
@@ -117,6 +128,7 @@ class _LocalSink(BlobSink):
                 # A concurrent delete pruned the empty directory between mkdir and rename.
                 if attempt:
                     raise
+        self._close()
         _fsync_dir(self._final.parent)
 
     def abort(self) -> None:
@@ -127,6 +139,27 @@ class _LocalSink(BlobSink):
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
+
+
+def _leftover_if_unlocked(path: Path) -> StagedLeftover | None:
+    """The staging file as a leftover, unless a put holds it (or it is gone or not a file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # a live put's
+        return StagedLeftover(
+            name=f"{STAGING_DIR}/{path.name}", size=st.st_size, modified_at=_mtime(st.st_mtime)
+        )
+    finally:
+        os.close(fd)
 
 
 def _open_regular(path: Path, key: str) -> int:
@@ -176,6 +209,7 @@ def _open_and_read(
 
 class LocalBlobStore(BlobStore):
     scheme = "file"
+    lists_staging = True
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -285,11 +319,17 @@ class LocalBlobStore(BlobStore):
                 return
             directory = directory.parent
 
+    async def staging_leftovers(self, older_than: datetime) -> tuple[StagedLeftover, ...]:
+        return await anyio.to_thread.run_sync(_staging_leftovers, self.staging, older_than)
+
+    async def remove_staging(self, leftover: StagedLeftover) -> bool:
+        return await anyio.to_thread.run_sync(_remove_staging, self.staging, leftover)
+
     async def check(self) -> None:
         def probe() -> None:
             marker = self.staging / f"ready-{uuid.uuid4().hex}"
             marker.write_bytes(b"")
-            marker.unlink()
+            marker.unlink(missing_ok=True)  # a sweep with no grace may have taken it
 
         try:
             await anyio.to_thread.run_sync(probe)
@@ -306,6 +346,48 @@ class LocalBlobStore(BlobStore):
             "free_bytes": usage.free,
             "total_bytes": usage.total,
         }
+
+
+def _staging_leftovers(staging: Path, older_than: datetime) -> tuple[StagedLeftover, ...]:
+    found: list[StagedLeftover] = []
+    try:
+        entries = sorted(os.scandir(staging), key=lambda entry: entry.name)
+    except FileNotFoundError:
+        return ()
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime >= older_than.timestamp():
+                continue
+        except FileNotFoundError:
+            continue
+        leftover = _leftover_if_unlocked(Path(entry.path))
+        if leftover is not None and leftover.modified_at < older_than:
+            found.append(leftover)
+    return tuple(found)
+
+
+def _remove_staging(staging: Path, leftover: StagedLeftover) -> bool:
+    directory, _, name = leftover.name.partition("/")
+    if directory != STAGING_DIR or not name or "/" in name or name in (".", ".."):
+        return False
+    path = staging / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        # Exclusive: a put that still holds the file (a slow one, say) keeps it.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _mtime(timestamp: float) -> datetime:
