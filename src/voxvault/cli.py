@@ -424,3 +424,85 @@ def storage_info(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     for name, value in info["usage"].items():
         table.add_row(name.replace("_", " "), f"{value:,}")
     console.print(table)
+
+
+@app.command()
+def fsck(
+    ctx: typer.Context,
+    as_json: JsonFlag = False,
+    grace: Annotated[
+        float | None,
+        typer.Option(min=0, help="Seconds within which a write counts as in progress."),
+    ] = None,
+) -> None:
+    """Re-hash every blob against its recorded sha256; report missing blobs and orphans.
+
+    Exits 0 when everything is sound, 1 otherwise.
+    """
+
+    async def action(vault: Vault) -> dict[str, Any]:
+        return (await vault.fsck(grace_s=grace)).as_json()
+
+    report = _run(ctx, action)
+    if as_json:
+        _print_json(report)
+    else:
+        problems = [
+            (kind, problem)
+            for kind in ("corrupt", "missing", "orphans")
+            for problem in report[kind]
+        ]
+        if problems:
+            table = Table("problem", "recording", "key", "detail")
+            for kind, problem in problems:
+                if "expected_sha256" in problem:
+                    detail = f"expected sha256 {problem['expected_sha256'][:16]}…"
+                else:
+                    detail = f"{problem.get('size', 0):,} bytes, {problem['modified_at'][:19]}"
+                cells = (kind.rstrip("s"), problem["recording_id"] or "", problem["key"], detail)
+                table.add_row(*(Text(cell) for cell in cells))
+            console.print(table)
+        counts = ", ".join(
+            f"{len(report[kind])} {kind}" for kind in ("corrupt", "missing", "orphans")
+        )
+        verdict = "ok" if report["ok"] else "problems found"
+        console.print(f"checked {report['checked']} blobs: {counts}: {verdict}")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    ctx: typer.Context,
+    as_json: JsonFlag = False,
+    grace: Annotated[
+        float | None,
+        typer.Option(min=0, help="Keep what was written within this many seconds."),
+    ] = None,
+) -> None:
+    """Remove orphaned blobs, staging leftovers, stale scratch directories and expired uploads
+    older than the grace period (VOXVAULT_GC_GRACE_S), and finish interrupted deletes."""
+
+    async def action(vault: Vault) -> dict[str, Any]:
+        return (await vault.collect_garbage(grace_s=grace)).as_json()
+
+    report = _run(ctx, action)
+    if as_json:
+        _print_json(report)
+        return
+    for kind in ("orphans", "staging"):
+        for removed in report[kind]:
+            console.print(Text(f"removed {removed['key']} ({removed.get('size', 0):,} bytes)"))
+    for job_id in report["scratch"]:
+        console.print(f"removed scratch directory of job {job_id}")
+    console.print(
+        f"removed {len(report['orphans'])} orphaned blob(s), {len(report['staging'])} staging "
+        f"leftover(s), {len(report['scratch'])} scratch director(ies); finished "
+        f"{report['interrupted_deletes']} interrupted delete(s), removed "
+        f"{report['expired_uploads']} expired upload(s)"
+    )
+    if not report["staging_listed"]:
+        console.print(
+            "this blob store's unfinished uploads are removed by its own lifecycle rule "
+            "(AbortIncompleteMultipartUpload)"
+        )

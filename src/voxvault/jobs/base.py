@@ -134,6 +134,10 @@ class JobQueue(ABC):
         """The recording's jobs, newest first."""
 
     @abstractmethod
+    async def live_job_ids(self) -> set[str]:
+        """The ids of every queued or running job, in every workspace."""
+
+    @abstractmethod
     async def lease_owners(self) -> set[str]:
         """The workers that hold a lease now."""
 

@@ -265,6 +265,9 @@ class ProcrastinateJobQueue(JobQueue):
     async def list_for_recording(self, workspace: str, recording_id: str) -> list[Job]:
         return await self.records.list_for_recording(workspace, recording_id)
 
+    async def live_job_ids(self) -> set[str]:
+        return await self.records.live_job_ids()
+
     async def lease_owners(self) -> set[str]:
         return await self.records.lease_owners()
 

@@ -291,6 +291,13 @@ class SqlJobQueue(JobQueue):
             due: datetime | None = (await conn.execute(query)).scalar_one_or_none()
         return due
 
+    async def live_job_ids(self) -> set[str]:
+        query = sa.select(jobs.c.id).where(
+            jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
+        )
+        async with self.engine.connect() as conn:
+            return {row.id for row in await conn.execute(query)}
+
     async def lease_owners(self) -> set[str]:
         query = (
             sa.select(jobs.c.lease_owner)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from voxvault.errors import ConfigurationError
-from voxvault.metadata.base import DEFAULT_WORKSPACE, MetadataStore
+from voxvault.metadata.base import DEFAULT_WORKSPACE, MetadataStore, RecordingBlobs
 
-__all__ = ["DEFAULT_WORKSPACE", "MetadataStore", "open_metadata_store"]
+__all__ = ["DEFAULT_WORKSPACE", "MetadataStore", "RecordingBlobs", "open_metadata_store"]
 
 _SQL_SCHEMES = {"sqlite", "sqlite+aiosqlite", "postgresql", "postgresql+psycopg", "postgres"}
 

@@ -6,6 +6,7 @@ Every method takes the workspace it acts in; no method can reach another workspa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 from voxvault.models import (
@@ -21,6 +22,19 @@ from voxvault.models import (
 )
 
 DEFAULT_WORKSPACE = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingBlobs:
+    """What one recording row says its blobs are: checksums of the original, of the playback
+    rendition (``None`` while there is none) and of each artifact, by name."""
+
+    workspace: str
+    recording_id: str
+    status: RecordingStatus
+    sha256: str
+    playback_sha256: str | None
+    artifacts: dict[str, str] = field(default_factory=dict)
 
 
 class MetadataStore(ABC):
@@ -80,6 +94,17 @@ class MetadataStore(ABC):
     @abstractmethod
     async def list_tombstones(self, limit: int = 1000) -> list[tuple[str, str]]:
         """(workspace, recording id) of recordings whose deletion was begun but not finished."""
+
+    @abstractmethod
+    async def list_recording_blobs(
+        self, *, after: str | None = None, limit: int = 500
+    ) -> list[RecordingBlobs]:
+        """Every recording row of every workspace, tombstones included, in id order after
+        ``after``: for checks of the whole store (fsck, gc), never for clients."""
+
+    @abstractmethod
+    async def get_recording_blobs(self, recording_id: str) -> RecordingBlobs | None:
+        """One recording row of any workspace, tombstone or not; ``None`` when there is none."""
 
     @abstractmethod
     async def purge_recording(self, workspace: str, recording_id: str) -> bool:

@@ -35,7 +35,7 @@ from voxvault.errors import (
     InvalidRequest,
     NotFound,
 )
-from voxvault.metadata.base import MetadataStore
+from voxvault.metadata.base import MetadataStore, RecordingBlobs
 from voxvault.metadata.tables import artifacts, jobs, recording_tags, recordings, transcripts
 from voxvault.models import (
     Artifact,
@@ -343,6 +343,52 @@ class SqlMetadataStore(MetadataStore):
         )
         async with self.engine.connect() as conn:
             return [(row.workspace_id, row.id) for row in await conn.execute(query)]
+
+    async def _recording_blobs(
+        self, where: sa.ColumnElement[bool], limit: int | None
+    ) -> list[RecordingBlobs]:
+        query = (
+            sa.select(
+                recordings.c.workspace_id,
+                recordings.c.id,
+                recordings.c.status,
+                recordings.c.sha256,
+                recordings.c.playback_sha256,
+            )
+            .where(where)
+            .order_by(recordings.c.id)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            found: dict[str, dict[str, str]] = {row.id: {} for row in rows}
+            if found:
+                named = sa.select(
+                    artifacts.c.recording_id, artifacts.c.name, artifacts.c.sha256
+                ).where(artifacts.c.recording_id.in_(list(found)))
+                for artifact in await conn.execute(named):
+                    found[artifact.recording_id][artifact.name] = artifact.sha256
+        return [
+            RecordingBlobs(
+                workspace=row.workspace_id,
+                recording_id=row.id,
+                status=RecordingStatus(row.status),
+                sha256=row.sha256,
+                playback_sha256=row.playback_sha256,
+                artifacts=found[row.id],
+            )
+            for row in rows
+        ]
+
+    async def list_recording_blobs(
+        self, *, after: str | None = None, limit: int = 500
+    ) -> list[RecordingBlobs]:
+        where = recordings.c.id > after if after is not None else sa.true()
+        return await self._recording_blobs(where, limit)
+
+    async def get_recording_blobs(self, recording_id: str) -> RecordingBlobs | None:
+        found = await self._recording_blobs(recordings.c.id == recording_id, 1)
+        return found[0] if found else None
 
     async def purge_recording(self, workspace: str, recording_id: str) -> bool:
         async with self.engine.begin() as conn:

@@ -28,6 +28,7 @@ import anyio
 from voxvault.errors import BackendUnavailable, NotFound, VoxVaultError
 from voxvault.events import ProgressEvent
 from voxvault.jobs import FINISHED, Job, JobStatus
+from voxvault.maintenance import product_sweeps, run_sweeps_periodically
 from voxvault.models import RecordingStatus
 from voxvault.pipeline.steps import (
     JobStopped,
@@ -279,19 +280,26 @@ async def run_workers(
 ) -> None:
     """Run ``count`` workers until cancelled, after handing back dead workers' jobs; when
     cancelled (a stopping process), hand back the jobs they held so that others take them at
-    once instead of after their lease."""
+    once instead of after their lease.
+
+    The product's sweeps (status repair, gc) run every ``VOXVAULT_SWEEP_INTERVAL_S``: a queue
+    that pushes runs them once per cluster in one of its workers; with the embedded queue this
+    process runs them itself, even with no workers (an API-only ``serve``).
+    """
+    sweeps = product_sweeps(vault)
     if count <= 0:
+        if not vault.jobs.pushes:
+            await run_sweeps_periodically(sweeps, vault.settings.sweep_interval_s)
         return
     await reclaim_dead_workers(vault)
     names = [worker_name(index) for index in range(1 if vault.jobs.pushes else count)]
     try:
         if vault.jobs.pushes:
             worker = Worker(vault, name=names[0], transcribers=transcribers)
-            await vault.jobs.serve(
-                lambda job_id: worker.run_one([job_id]), count, sweeps=[vault.repair_statuses]
-            )
+            await vault.jobs.serve(lambda job_id: worker.run_one([job_id]), count, sweeps=sweeps)
             return
         async with anyio.create_task_group() as group:
+            group.start_soon(run_sweeps_periodically, sweeps, vault.settings.sweep_interval_s)
             for name in names:
                 group.start_soon(Worker(vault, name=name, transcribers=transcribers).run)
     finally:
