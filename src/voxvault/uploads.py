@@ -38,6 +38,7 @@ from voxvault.errors import (
     BackendUnavailable,
     ChecksumMismatch,
     Conflict,
+    EmptyUpload,
     Gone,
     InvalidRequest,
     NotFound,
@@ -185,8 +186,8 @@ class ResumableUploads:
 
     async def create(self, length: int, metadata: Mapping[str, str] | None = None) -> Upload:
         """A new, empty upload of ``length`` bytes (``PayloadTooLarge`` past the limit)."""
-        if length < 0:
-            raise InvalidRequest("the upload length cannot be negative")
+        if length <= 0:
+            raise EmptyUpload("the upload is empty: Upload-Length must be at least 1")
         if length > self.max_size:
             raise PayloadTooLarge(
                 f"the upload of {length} bytes exceeds the limit of {self.max_size} bytes",
