@@ -452,16 +452,15 @@ def fsck(
             for kind in ("corrupt", "missing", "orphans")
             for problem in report[kind]
         ]
-        if problems:
-            table = Table("problem", "recording", "key", "detail")
-            for kind, problem in problems:
-                if "expected_sha256" in problem:
-                    detail = f"expected sha256 {problem['expected_sha256'][:16]}…"
-                else:
-                    detail = f"{problem.get('size', 0):,} bytes, {problem['modified_at'][:19]}"
-                cells = (kind.rstrip("s"), problem["recording_id"] or "", problem["key"], detail)
-                table.add_row(*(Text(cell) for cell in cells))
-            console.print(table)
+        # One problem per line, never wrapped: ids and keys stay whole for grep and copy.
+        for kind, problem in problems:
+            if "expected_sha256" in problem:
+                detail = f"expected sha256 {problem['expected_sha256'][:16]}…"
+            else:
+                detail = f"{problem.get('size', 0):,} bytes, {problem['modified_at'][:19]}"
+            recording = problem["recording_id"] or "-"
+            line = f"{kind.rstrip('s'):<8} {recording:<32}  {problem['key']}  ({detail})"
+            console.print(Text(line), soft_wrap=True)
         counts = ", ".join(
             f"{len(report[kind])} {kind}" for kind in ("corrupt", "missing", "orphans")
         )
