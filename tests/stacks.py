@@ -315,15 +315,19 @@ async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def delete_every_recording(client: httpx.AsyncClient) -> None:
+    async def delete(recording_id: str) -> None:
+        response = await client.delete(f"/v1/recordings/{recording_id}")
+        assert response.status_code in (204, 404), response.text
+
     while True:
         listing = await client.get("/v1/recordings", params={"limit": 500})
         assert listing.status_code == 200, listing.text
-        items = listing.json()["items"]
-        if not items:
+        page = listing.json()
+        async with anyio.create_task_group() as deleting:
+            for item in page["items"]:
+                deleting.start_soon(delete, item["id"])
+        if page["next_cursor"] is None:
             return
-        for item in items:
-            response = await client.delete(f"/v1/recordings/{item['id']}")
-            assert response.status_code in (204, 404), response.text
 
 
 async def wait_for_jobs_to_finish(
