@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -163,15 +163,21 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def managed_process(argv: Sequence[str], *, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``argv`` with output to ``log_path``; it is stopped however the block ends."""
+def managed_process(
+    argv: Sequence[str], *, log_path: Path, env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` with output to ``log_path``; it is stopped however the block ends.
+
+    ``env`` is the child's whole environment (build it on ``clean_env()``); by default
+    ``clean_env()``.
+    """
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=clean_env(),
+            env=dict(clean_env() if env is None else env),
             cwd=REPO,
             start_new_session=True,
         )
@@ -229,10 +235,14 @@ class Server:
 
 @contextlib.contextmanager
 def voxvault_server(
-    data_dir: Path, log_path: Path, *, serve_args: Sequence[str] = ()
+    data_dir: Path,
+    log_path: Path,
+    *,
+    serve_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
     """``voxvault serve [serve_args]`` on a free 127.0.0.1 port, as a user would run it; up
-    when yielded."""
+    when yielded. ``env``: its whole environment, as for ``managed_process``."""
     port = free_port()
     argv = [
         str(VOXVAULT),
@@ -247,7 +257,7 @@ def voxvault_server(
         "warning",
         *serve_args,
     ]
-    with managed_process(argv, log_path=log_path) as proc:
+    with managed_process(argv, log_path=log_path, env=env) as proc:
         wait_until_up(f"http://127.0.0.1:{port}/healthz", proc, log_path)
         yield Server(proc, port)
 

@@ -106,10 +106,16 @@ def render_markdown(machine: Machine, tables: Sequence[Table]) -> str:
             "`make bench` (installs nginx-light, wrk and curl if missing, then runs "
             "`.venv/bin/python -m bench.run_all`, which rewrites this file). A single benchmark "
             "runs alone with `.venv/bin/python -m bench.<name>`, where the name is "
-            "`upload_throughput`, `range_serving`, `pipeline_rtf`, `api_latency` or "
-            "`worker_throughput` (add `--help` for smaller runs); those only print. The "
-            "pipeline benchmarks make their speech with espeak-ng (`make test-system-deps`). "
-            "Scratch files go to `bench/out/` and are deleted afterwards.",
+            "`upload_throughput`, `range_serving`, `pipeline_rtf`, `api_latency`, "
+            "`worker_throughput`, `s3_upload`, `metadata_load` or `sse_fanout` (add `--help` "
+            "for smaller runs); those only print. The pipeline benchmarks make their speech "
+            "with espeak-ng (`make test-system-deps`). `s3_upload` starts moto's S3 server "
+            "itself; `metadata_load` and `sse_fanout` need PostgreSQL and `sse_fanout` Redis, "
+            "at `VOXVAULT_BENCH_POSTGRES_URL` and `VOXVAULT_BENCH_REDIS_URL` (default: local "
+            "servers on their usual ports), and report themselves skipped when these cannot be "
+            "reached; they create a database of their own and a Redis key prefix of their own "
+            "and remove both afterwards. Scratch files go to `bench/out/` and are deleted "
+            "afterwards.",
             "",
         ]
     )
