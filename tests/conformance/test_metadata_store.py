@@ -555,3 +555,44 @@ async def test_concurrent_adds_by_distinct_jobs_yield_distinct_versions(
         found = await store.get_job_transcript(WS, recording.id, job_id)
         assert found is not None
         assert (found.version, found.segments[0].text) == (made[job_id], job_id)
+
+
+async def test_recording_blobs_span_every_workspace_and_tombstones(store: MetadataStore) -> None:
+    await add_workspace(store, "other")
+    mine = make_recording(1, sha256="1" * 64)
+    theirs = make_recording(2, sha256="2" * 64)
+    doomed = make_recording(3, sha256="3" * 64)
+    await store.insert_recording(DEFAULT_WORKSPACE, mine)
+    await store.insert_recording("other", theirs)
+    await store.insert_recording(DEFAULT_WORKSPACE, doomed)
+    await store.set_playback(DEFAULT_WORKSPACE, mine.id, "4" * 64)
+    summary = Artifact(
+        name="summary.json",
+        content_type="application/json",
+        size_bytes=2,
+        sha256="5" * 64,
+        created_at=BASE_TIME,
+    )
+    await store.upsert_artifact("other", theirs.id, summary)
+    await store.update_recording(DEFAULT_WORKSPACE, doomed.id, status=RecordingStatus.DELETING)
+
+    listed = await store.list_recording_blobs()
+    assert [row.recording_id for row in listed] == sorted([mine.id, theirs.id, doomed.id])
+    by_id = {row.recording_id: row for row in listed}
+    assert (by_id[mine.id].workspace, by_id[mine.id].sha256) == (DEFAULT_WORKSPACE, "1" * 64)
+    assert by_id[mine.id].playback_sha256 == "4" * 64
+    assert by_id[mine.id].artifacts == {}
+    assert by_id[theirs.id].workspace == "other"
+    assert by_id[theirs.id].playback_sha256 is None
+    assert by_id[theirs.id].artifacts == {"summary.json": "5" * 64}
+    assert by_id[doomed.id].status is RecordingStatus.DELETING
+
+    # Pages follow the id order.
+    first = await store.list_recording_blobs(limit=2)
+    rest = await store.list_recording_blobs(after=first[-1].recording_id, limit=2)
+    assert [row.recording_id for row in first + rest] == [row.recording_id for row in listed]
+    assert await store.list_recording_blobs(after=listed[-1].recording_id) == []
+
+    assert await store.get_recording_blobs(theirs.id) == by_id[theirs.id]
+    assert await store.get_recording_blobs(doomed.id) == by_id[doomed.id]
+    assert await store.get_recording_blobs("f" * 32) is None
