@@ -480,3 +480,18 @@ def test_cli_gc_removes_and_reports(data_dir: Path) -> None:
     assert human.exit_code == 0
     assert "removed 0 orphaned blob(s), 0 staging leftover(s)" in " ".join(human.stdout.split())
     assert cli(data_dir, "fsck").exit_code == 0
+
+
+async def test_gc_removes_expired_uploads_with_their_parts(data_dir: Path) -> None:
+    settings = Settings(data_dir=data_dir, upload_ttl=1)
+    async with await Vault.open(settings) as vault:
+        abandoned = await vault.uploads.create(100_000)
+        await vault.uploads.append(abandoned.id, once(b"x" * 1000), offset=0)
+        assert await keys(vault) != []
+        # Expiry is the uploads service's clock: gc is run until the upload's second is up.
+        with anyio.fail_after(30):
+            while not (report := await vault.collect_garbage()).expired_uploads:
+                await anyio.sleep(0.2)
+        assert report.expired_uploads == 1
+        assert await keys(vault) == []
+        assert (await vault.fsck(grace_s=0)).ok
