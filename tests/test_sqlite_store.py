@@ -54,3 +54,27 @@ async def test_open_without_migrate_does_not_touch_the_schema(tmp_path: Path) ->
     with sqlite3.connect(tmp_path / "data" / "voxvault.db") as db:
         tables = db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
     assert tables == []
+
+
+async def test_an_exhausted_connection_pool_is_backend_unavailable(tmp_path: Path) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from voxvault.errors import BackendUnavailable
+    from voxvault.metadata.sql import _Pool
+
+    engine = create_async_engine(
+        f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}",
+        poolclass=_Pool,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.2,
+    )
+    try:
+        async with engine.connect():
+            with pytest.raises(BackendUnavailable, match="no free connection"):
+                async with engine.connect():
+                    pass  # pragma: no cover - the pool has no connection to give
+        async with engine.connect() as again:  # once one is free, it is handed out again
+            assert (await again.exec_driver_sql("SELECT 1")).scalar() == 1
+    finally:
+        await engine.dispose()

@@ -26,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from voxvault import exports
 from voxvault.blobs import BlobStore, open_blob_store
 from voxvault.blobs import keys as blob_keys
+from voxvault.coalesce import Coalescer
 from voxvault.errors import (
     BackendUnavailable,
     Conflict,
@@ -162,6 +163,7 @@ class Vault:
         *,
         workspace: str = DEFAULT_WORKSPACE,
         job_added: Callable[[], None] | None = None,
+        snapshots: Coalescer[ProgressEvent] | None = None,
     ) -> None:
         self.settings = settings
         self.metadata = metadata
@@ -172,6 +174,8 @@ class Vault:
         self.workspace = workspace
         self._job_waiters: list[anyio.Event] = []
         self._job_added = job_added or self._wake_job_waiters
+        # Every stream following a recording shares one re-read of it per poll, per process.
+        self._snapshots = snapshots or Coalescer[ProgressEvent](STATE_POLL_SECONDS)
 
     @classmethod
     async def open(cls, settings: Settings | None = None, *, migrate: bool = True) -> Vault:
@@ -211,6 +215,7 @@ class Vault:
             self.events,
             workspace=workspace,
             job_added=self._job_added,
+            snapshots=self._snapshots,
         )
 
     async def close(self) -> None:
@@ -824,7 +829,10 @@ class Vault:
                     yield received
                     continue
                 try:
-                    fresh = await self.snapshot(recording_id)
+                    fresh = await self._snapshots.get(
+                        (self.workspace, recording_id),
+                        functools.partial(self.snapshot, recording_id),
+                    )
                 except NotFound:
                     yield None, ProgressEvent(type="deleted", status=RecordingStatus.DELETING.value)
                     return

@@ -26,7 +26,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
 from voxvault.errors import (
     BackendUnavailable,
@@ -92,6 +94,19 @@ def _unreachable_is_unavailable(context: ExceptionContext) -> None:
     if context.is_disconnect or context.connection is None:
         reason = str(context.original_exception).strip().split("\n", 1)[0]
         raise BackendUnavailable(f"the database is unreachable: {reason}")
+
+
+class _Pool(AsyncAdaptedQueuePool):
+    """The engine's pool, whose exhaustion (every connection busy past the pool timeout) is a
+    ``BackendUnavailable`` (503 with Retry-After) like an unreachable database, not a 500."""
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        try:
+            return super()._do_get()
+        except PoolTimeout as exc:
+            raise BackendUnavailable(
+                "the database has no free connection now; try again shortly"
+            ) from exc
 
 
 def _sqlite_explicit_transactions(dbapi_connection: Any, _record: Any) -> None:
@@ -169,8 +184,12 @@ class SqlMetadataStore(MetadataStore):
         # SQLite files cannot drop a connection, so pinging before each use would only cost time.
         # A server that stops answering (a partition, not a refusal) fails within seconds.
         connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if self.dialect != "sqlite" else {}
+        in_memory = make_url(async_url).database in (None, "", ":memory:")
         self.engine: AsyncEngine = create_async_engine(
-            async_url, pool_pre_ping=self.dialect != "sqlite", connect_args=connect_args
+            async_url,
+            pool_pre_ping=self.dialect != "sqlite",
+            connect_args=connect_args,
+            **({} if in_memory else {"poolclass": _Pool}),
         )
         event.listen(self.engine.sync_engine, "handle_error", _unreachable_is_unavailable)
         if self.dialect == "sqlite":
