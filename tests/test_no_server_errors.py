@@ -27,7 +27,7 @@ from tests.stacks import EmbeddedStack
 from tests.test_bad_input import make_existing, store_state
 from voxvault import Vault
 from voxvault.api import create_app
-from voxvault.api.routers import artifacts, jobs, playback, recordings, system, transcripts
+from voxvault.api.routers import artifacts, jobs, playback, recordings, system, transcripts, tus
 
 pytestmark = pytest.mark.anyio
 
@@ -68,6 +68,8 @@ TEMPLATES = [
     "/v1/recordings/{recording_id}/events",
     "/v1/jobs/{job_id}",
     "/v1/jobs/{job_id}/cancel",
+    "/files/v1/uploads",
+    "/files/v1/uploads/{upload_id}",
 ]
 
 
@@ -99,6 +101,12 @@ ROUTE_METHODS = [
     ("/v1/recordings/{recording_id}/events", "GET"),
     ("/v1/jobs/{job_id}", "GET"),
     ("/v1/jobs/{job_id}/cancel", "POST"),
+    ("/files/v1/uploads", "OPTIONS"),
+    ("/files/v1/uploads", "POST"),
+    ("/files/v1/uploads/{upload_id}", "HEAD"),
+    ("/files/v1/uploads/{upload_id}", "PATCH"),
+    ("/files/v1/uploads/{upload_id}", "DELETE"),
+    ("/files/v1/uploads/{upload_id}", "OPTIONS"),
 ]
 
 
@@ -106,7 +114,7 @@ def test_the_templates_are_the_apps_routes() -> None:
     """The fuzzer aims at every route the app has, and only at those."""
     declared = {
         (route.path, method)
-        for module in (system, recordings, jobs, transcripts, artifacts, playback)
+        for module in (system, recordings, jobs, transcripts, artifacts, playback, tus)
         for route in module.router.routes
         for method in route.methods
     }
@@ -155,6 +163,7 @@ LIKELY_SEGMENTS = {
     "{fmt}": st.sampled_from(["json", "srt", "vtt", "txt", "md"]),
     "{name:path}": st.just(ARTIFACT),
     "{job_id}": st.just(REAL_JOB),
+    "{upload_id}": st.sampled_from(["0" * 32, "f" * 32]),
 }
 
 
@@ -292,6 +301,7 @@ CONTENT_TYPES = st.one_of(
             f"multipart/mixed; boundary={BOUNDARY}".encode(),
             b"text/plain",
             b"application/octet-stream",
+            b"application/offset+octet-stream",
             b"",
             b"*/*",
             b"audio/",
@@ -300,6 +310,23 @@ CONTENT_TYPES = st.one_of(
     ),
     HEADER_BYTES,
 )
+TUS_NUMBERS = st.one_of(
+    st.sampled_from([b"0", b"1", b"100", b"-1", b"1.5", b"9" * 30, b""]), HEADER_BYTES
+)
+TUS_HEADERS = {
+    "tus-resumable": st.one_of(st.sampled_from([b"1.0.0", b"0.2.2", b""]), HEADER_BYTES),
+    "upload-length": TUS_NUMBERS,
+    "upload-offset": TUS_NUMBERS,
+    "upload-metadata": st.one_of(
+        st.sampled_from([b"filename YS53YXY=,transcribe ZmFsc2U=", b"a", b"a !", b"a,a", b","]),
+        HEADER_BYTES,
+    ),
+    "upload-checksum": st.one_of(
+        st.sampled_from([b"sha1 2jmj7l5rSw0yVb/vlWAYkK/YBwk=", b"md5 x", b"crc32 AA=="]),
+        HEADER_BYTES,
+    ),
+    "x-http-method-override": st.sampled_from([b"PATCH", b"DELETE", b"HEAD", b"bogus"]),
+}
 ETAGS = st.one_of(st.sampled_from([b"*", b'"x"', b"", b'W/"x"', b'"', b"{etag}"]), HEADER_BYTES)
 
 
@@ -413,6 +440,7 @@ def fuzz_requests(draw: st.DrawFn) -> FuzzRequest:
         ("content-type", CONTENT_TYPES),
         ("if-none-match", ETAGS),
         ("if-range", ETAGS),
+        *TUS_HEADERS.items(),
     ):
         if draw(st.booleans()):
             headers[name] = draw(values)
