@@ -14,6 +14,20 @@ from voxvault.metadata.sql import SqlMetadataStore
 pytestmark = pytest.mark.anyio
 
 
+def migrations_head() -> str:
+    """The newest revision among the migrations the package ships."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from voxvault.metadata.sql import MIGRATIONS_DIR
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
 async def test_every_connection_is_wal_with_full_sync_and_foreign_keys(tmp_path: Path) -> None:
     store = SqlMetadataStore(f"sqlite:///{tmp_path / 'v.db'}")
     try:
@@ -42,7 +56,7 @@ async def test_open_migrates_to_head_and_creates_the_default_workspace(tmp_path:
         version = db.execute("SELECT version_num FROM alembic_version").fetchall()
         workspaces = db.execute("SELECT id FROM workspaces").fetchall()
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert version == [("0003",)]
+    assert version == [(migrations_head(),)]
     assert workspaces == [("default",)]
     assert {"recordings", "recording_tags", "transcripts", "artifacts", "jobs"} <= tables
 
