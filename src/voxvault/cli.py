@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import anyio
 import httpx
@@ -28,6 +28,7 @@ from voxvault.events import ProgressEvent
 from voxvault.exports import ExportFormat
 from voxvault.models import RecordingQuery, RecordingStatus
 from voxvault.settings import Settings
+from voxvault.tus_client import DEFAULT_CHUNK_BYTES
 from voxvault.vault import Vault
 
 app = typer.Typer(
@@ -134,12 +135,33 @@ def ingest(
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Wait for the pipeline to finish.")
     ] = True,
+    resumable: Annotated[
+        bool,
+        typer.Option(
+            "--resumable/--no-resumable",
+            help="With --server: upload over tus in checksummed chunks, resumable after an "
+            "interruption (the default), or in one plain request.",
+        ),
+    ] = True,
+    chunk_bytes: Annotated[
+        int, typer.Option(min=1, help="Bytes per resumable-upload chunk.")
+    ] = DEFAULT_CHUNK_BYTES,
+    upload_store: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="VOXVAULT_UPLOAD_STORE",
+            help="JSON file keeping unfinished uploads' URLs "
+            "(default: uploads.json in the user's cache directory).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Store files as recordings and transcribe them, with progress bars.
 
     Without --server the files go into the data directory and this process runs their
-    pipeline (a running server sharing the directory may take some of the jobs).
+    pipeline (a running server sharing the directory may take some of the jobs). With
+    --server they are uploaded over tus: an upload cut short resumes where it stopped when
+    the same command runs again.
     """
     if title and len(files) > 1:
         raise typer.BadParameter("--title applies to a single file")
@@ -153,7 +175,8 @@ def ingest(
 
             stored = _run(ctx, action)
         else:
-            stored = _run_client(server, files, bars, title, tag, transcribe, follow)
+            how = UploadOptions(resumable, chunk_bytes, upload_store)
+            stored = _run_client(server, files, bars, title, tag, transcribe, follow, how)
     _report_ingest(stored, as_json)
 
 
@@ -178,8 +201,13 @@ class Bars:
         ]
 
     def uploaded(self, index: int) -> Callable[[int], None]:
+        task = next(task for task in self.progress.tasks if task.id == self.tasks[index])
+
         def advance(sent: int) -> None:
-            self.progress.advance(self.tasks[index], sent)
+            self.progress.advance(task.id, sent)
+            total_mb = (task.total or 0) / 1e6
+            detail = f"uploading {task.completed / 1e6:,.1f} / {total_mb:,.1f} MB"
+            self.progress.update(task.id, detail=detail)
 
         return advance
 
@@ -229,6 +257,12 @@ async def _ingest_locally(
     return [r.model_dump(mode="json") for r in recordings]
 
 
+class UploadOptions(NamedTuple):
+    resumable: bool
+    chunk_bytes: int
+    upload_store: Path | None
+
+
 def _run_client(
     server: str,
     files: list[Path],
@@ -237,20 +271,35 @@ def _run_client(
     tags: list[str] | None,
     transcribe: bool,
     follow: bool,
+    how: UploadOptions,
 ) -> list[dict[str, Any]]:
     from voxvault.client import VaultClient
+    from voxvault.tus_client import UploadUrlStore
+
+    url_store = UploadUrlStore(how.upload_store)
 
     async def go() -> list[dict[str, Any]]:
         async with VaultClient(server) as client:
             stored = []
             for index, path in enumerate(files):
-                recording = await client.upload(
-                    path,
-                    title=title,
-                    tags=tags,
-                    transcribe=transcribe,
-                    on_progress=bars.uploaded(index),
-                )
+                if how.resumable:
+                    recording = await client.upload_resumable(
+                        path,
+                        title=title,
+                        tags=tags,
+                        transcribe=transcribe,
+                        chunk_bytes=how.chunk_bytes,
+                        url_store=url_store,
+                        on_progress=bars.uploaded(index),
+                    )
+                else:
+                    recording = await client.upload(
+                        path,
+                        title=title,
+                        tags=tags,
+                        transcribe=transcribe,
+                        on_progress=bars.uploaded(index),
+                    )
                 bars.stored(index, follow)
                 stored.append(recording)
             if not follow:
@@ -272,6 +321,8 @@ def _run_client(
         raise typer.Exit(1) from None
     except httpx.HTTPError as exc:
         errors.print(f"[red]error:[/red] cannot reach {escape(server)}: {escape(str(exc))}")
+        if how.resumable:
+            errors.print("run the same command again to resume the upload where it stopped")
         raise typer.Exit(1) from None
 
 

@@ -1,6 +1,8 @@
 """A small HTTP client of a VoxVault server: upload a file, follow its progress, read records.
 
-The CLI uses it for ``voxvault ingest --server URL``; it speaks the public API only.
+The CLI uses it for ``voxvault ingest --server URL``; it speaks the public API only. Uploads go
+in one request (``upload``) or over tus, resumable across failures and processes
+(``upload_resumable``, see ``voxvault.tus_client``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from voxvault.errors import (
     VoxVaultError,
 )
 from voxvault.events import ProgressEvent
+from voxvault.tus_client import DEFAULT_CHUNK_BYTES, ResumableUpload, UploadUrlStore
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 _ERRORS: dict[int, type[VoxVaultError]] = {
@@ -49,8 +52,16 @@ def _raise_for_error(response: httpx.Response) -> None:
 
 
 class VaultClient:
-    def __init__(self, base_url: str, *, timeout: float = 60.0) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout)
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -94,6 +105,40 @@ class VaultClient:
         _raise_for_error(response)
         recording: dict[str, Any] = response.json()
         return recording
+
+    async def upload_resumable(
+        self,
+        path: Path,
+        *,
+        title: str | None = None,
+        tags: list[str] | None = None,
+        transcribe: bool = True,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        url_store: UploadUrlStore | None = None,
+        max_attempts: int = 5,
+        on_progress: Callable[[int], None] | None = None,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Upload a file as a recording over tus, in checksummed chunks of ``chunk_bytes``.
+
+        A damaged chunk is sent again; a dropped connection or a 5xx resumes at the server's
+        offset, up to ``max_attempts`` failures in a row. The upload's URL is kept in
+        ``url_store`` (by default in the user's cache directory) until the upload completes,
+        so that a later call for the same, unchanged file resumes it instead of starting over.
+        ``on_progress`` is told each newly sent byte count, ``on_chunk`` the offset after each
+        stored chunk. See ``voxvault.tus_client``.
+        """
+        upload = ResumableUpload(
+            self._http,
+            path,
+            ResumableUpload.metadata_for(path, title=title, tags=tags, transcribe=transcribe),
+            store=url_store,
+            chunk_bytes=chunk_bytes,
+            max_attempts=max_attempts,
+            on_progress=on_progress,
+            on_chunk=on_chunk,
+        )
+        return await self.get_recording(await upload.run())
 
     async def get_recording(self, recording_id: str) -> dict[str, Any]:
         response = await self._http.get(f"/v1/recordings/{recording_id}")
