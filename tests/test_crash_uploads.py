@@ -16,13 +16,28 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from tests.crash import CrashingServer, CrashRun, pick_seed
+from tests.conftest import stored_files
+from tests.crash import (
+    CHUNK_TYPE,
+    RECORDING_ID,
+    TUS,
+    CrashingServer,
+    CrashRun,
+    b64,
+    pick_seed,
+)
+from tests.media import wav_bytes
 from tests.postgres import postgres_database
 from tests.s3 import new_bucket
 from tests.stacks import child_environment
+from voxvault import Vault
+from voxvault.api import create_app
+from voxvault.errors import BackendUnavailable
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +97,10 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
             staging=bucket.pending_uploads,
             gc_sweeps_staging=False,
         )
+
+
+def upload_parts(data_dir: Path) -> list[Path]:
+    return [p for p in stored_files(data_dir) if "uploads" in p.relative_to(data_dir).parts]
 
 
 def upload_ids_with_bytes(keys: list[str]) -> set[str]:
@@ -171,4 +190,57 @@ def test_nothing_a_client_was_told_is_stored_is_lost_through_kills(stack: Stack)
     assert not outlived, run.fail_message(
         "parts of finished or terminated uploads outlived them past gc --grace 0 "
         f"(upload id: state): {outlived}"
+    )
+
+
+# ---- one crash point, pinned down ---------------------------------------------------------------
+# A completion settles the upload's row, then removes its parts (uploads.py, ``_settle``). A
+# process that dies between the two leaves a completed upload with all its parts; the same state
+# is made here without a kill, by a blob store that fails to remove them that once.
+
+
+@pytest.mark.anyio
+async def test_parts_of_an_upload_completed_just_before_a_crash_go_with_the_next_sweep(
+    vault: Vault, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = wav_bytes(seconds=1.0)
+    transport = httpx.ASGITransport(app=create_app(vault))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        created = await client.post(
+            "/files/v1/uploads",
+            headers={
+                **TUS,
+                "Upload-Length": str(len(data)),
+                "Upload-Metadata": f"transcribe {b64('false')}",
+            },
+        )
+        url = httpx.URL(created.headers["Location"]).path
+        first = await client.patch(
+            url, content=data[:1000], headers={**TUS, **CHUNK_TYPE, "Upload-Offset": "0"}
+        )
+        assert first.status_code == 204
+        real_delete_prefix = type(vault.blobs).delete_prefix
+
+        async def dies_before_removing_parts(store: Any, prefix: str) -> int:
+            if prefix.startswith("uploads/"):
+                raise BackendUnavailable("the process died here")
+            return await real_delete_prefix(store, prefix)
+
+        monkeypatch.setattr(type(vault.blobs), "delete_prefix", dies_before_removing_parts)
+        last = await client.patch(
+            url, content=data[1000:], headers={**TUS, **CHUNK_TYPE, "Upload-Offset": "1000"}
+        )
+        monkeypatch.setattr(type(vault.blobs), "delete_prefix", real_delete_prefix)
+        assert last.status_code == 503
+        # What a restarted server answers: the recording is there, complete.
+        state = await client.head(url, headers=TUS)
+        recording_id = state.headers[RECORDING_ID]
+        audio = await client.get(f"/v1/recordings/{recording_id}/audio")
+        assert audio.content == data
+    assert upload_parts(data_dir) != []  # the state a kill at that point leaves
+
+    report = await vault.collect_garbage(grace_s=0)
+    assert upload_parts(data_dir) == [], (
+        f"gc --grace 0 kept the parts of completed upload {url.rsplit('/', 1)[1]} "
+        f"(report: {report.as_json()})"
     )
