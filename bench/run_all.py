@@ -18,6 +18,7 @@ from bench import (
     range_serving,
     s3_upload,
     sse_fanout,
+    tus_upload,
     upload_throughput,
     worker_throughput,
 )
@@ -30,6 +31,8 @@ BENCHMARKS: dict[str, Callable[[], Table]] = {
     "pipeline_rtf": lambda: pipeline_rtf.run().table(),
     "api_latency": lambda: api_latency.run().table(),
     "worker_throughput": lambda: worker_throughput.run().table(),
+    # Local and S3 (moto); the S3 half reports itself skipped when moto cannot start.
+    "tus_upload": lambda: tus_upload.run().table(),
     # Scale-out: each reports itself skipped when its PostgreSQL or Redis cannot be reached.
     "s3_upload": lambda: s3_upload.run().table(),
     "metadata_load": lambda: metadata_load.run().table(),

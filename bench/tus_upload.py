@@ -1,0 +1,391 @@
+"""Resumable (tus) upload throughput vs a plain streaming upload, and the server's memory.
+
+Both sides send the same WAV to a fresh ``voxvault serve --workers 0`` process with
+``transcribe=false``, on the local backend and on S3 (moto's standalone server, a child process
+on a loopback port, as in ``bench.s3_upload``). Baseline: the plain streaming upload, ``curl -T``
+to ``POST /v1/recordings`` (201 once the bytes are durable, hashed and probed). VoxVault: the
+same file over tus with ``VaultClient.upload_resumable`` (the client ``voxvault ingest
+--server`` uses): a POST, then ``CHUNK_BYTES`` PATCHes, each with an ``Upload-Checksum: sha1``,
+until the final one answers with the recording id — so the timing includes the completion,
+where the server turns the stored chunks into the recording. Rounds alternate the order; best
+of each side.
+
+Memory: the server's peak RSS (``VmHWM``; a fresh server per upload, so its peak is that
+upload's) for a ``BIG_BYTES`` tus upload against the median of the smaller ones: flat memory
+means the two match.
+
+Run alone: ``.venv/bin/python -m bench.tus_upload [--size-mib N] [--rounds N] [--big-mib N]
+[--backend local|s3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+
+from bench.backends import Unavailable, moto_s3, s3_client_env
+from bench.common import (
+    MB,
+    BenchError,
+    GiB,
+    MiB,
+    clean_env,
+    fmt,
+    log,
+    mb_per_s,
+    proc_status_bytes,
+    raise_on_sigterm,
+    require_tools,
+    run_tool,
+    scratch_dir,
+    voxvault_server,
+    write_wav,
+)
+from bench.report import Row, Table, render_text
+from bench.s3_upload import _empty_bucket as empty_bucket
+from bench.s3_upload import _store as s3_store
+from voxvault.client import VaultClient
+from voxvault.tus_client import DEFAULT_CHUNK_BYTES, UploadUrlStore
+
+TITLE = "Resumable (tus) upload vs a plain streaming upload"
+BACKENDS = ("local", "s3")
+FILE_BYTES = 256 * MiB
+BIG_BYTES = 2 * GiB
+CHUNK_BYTES = DEFAULT_CHUNK_BYTES
+ROUNDS = 3
+RATIO_GOAL = 0.70
+FLAT_GOAL = 1.10  # peak RSS of the big upload / of the smaller ones
+TOOL_TIMEOUT_S = 1800.0  # moto takes its time with gigabytes
+SPREAD_WARNING = 1.3
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    seconds: float
+    hwm_bytes: int
+    """The server's VmHWM after the upload (a fresh server: the upload's peak)."""
+    final_seconds: float = 0.0
+    """tus: from the answer to the last but one chunk to the answer to the final one, which
+    the server gives once it has made the recording out of the stored chunks."""
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    plain: Upload
+    tus: Upload
+
+
+@dataclass(frozen=True, slots=True)
+class BackendResult:
+    backend: str
+    file_bytes: int
+    big_bytes: int
+    rounds: Sequence[Round]
+    big: Upload
+
+    def _mb_s(self, seconds: Sequence[float]) -> float:
+        return mb_per_s(self.file_bytes, min(seconds))
+
+    @property
+    def plain_mb_s(self) -> float:
+        return self._mb_s([r.plain.seconds for r in self.rounds])
+
+    @property
+    def tus_mb_s(self) -> float:
+        return self._mb_s([r.tus.seconds for r in self.rounds])
+
+    @property
+    def ratio(self) -> float:
+        return self.tus_mb_s / self.plain_mb_s
+
+    @property
+    def small_hwm_bytes(self) -> float:
+        return statistics.median(r.tus.hwm_bytes for r in self.rounds)
+
+    @property
+    def plain_hwm_bytes(self) -> float:
+        return statistics.median(r.plain.hwm_bytes for r in self.rounds)
+
+    @property
+    def flat_ratio(self) -> float:
+        return self.big.hwm_bytes / self.small_hwm_bytes
+
+    def rows(self) -> list[Row]:
+        size, big = self.file_bytes // MiB, self.big_bytes // MiB
+        return [
+            Row(
+                f"{self.backend}: throughput, {size:,} MiB (MB/s)",
+                fmt(self.plain_mb_s),
+                fmt(self.tus_mb_s),
+                self.ratio,
+                f"ratio ≥ {RATIO_GOAL:.2f}",
+                "met" if self.ratio >= RATIO_GOAL else "**missed**",
+            ),
+            Row(
+                f"{self.backend}: server peak RSS (VmHWM, MB), tus {size:,} MiB → {big:,} MiB",
+                fmt(self.small_hwm_bytes / MB),
+                fmt(self.big.hwm_bytes / MB),
+                self.flat_ratio,
+                f"flat: ratio ≤ {FLAT_GOAL:.2f}",
+                "met" if self.flat_ratio <= FLAT_GOAL else "**missed**",
+            ),
+        ]
+
+    def notes(self) -> list[str]:
+        per_round = "; ".join(
+            f"round {i}: plain {fmt(mb_per_s(self.file_bytes, r.plain.seconds))}, tus "
+            f"{fmt(mb_per_s(self.file_bytes, r.tus.seconds))} MB/s (final chunk "
+            f"{r.tus.final_seconds:.1f} s of {r.tus.seconds:.1f} s)"
+            for i, r in enumerate(self.rounds, 1)
+        )
+        best = min(self.rounds, key=lambda r: r.tus.seconds).tus
+        chunks_mb_s = mb_per_s(
+            self.file_bytes - CHUNK_BYTES, max(best.seconds - best.final_seconds, 1e-9)
+        )
+        notes = [
+            f"{self.backend}: in the best tus round the chunks before the final one arrived at "
+            f"{fmt(chunks_mb_s)} MB/s, and the final one took {best.final_seconds:.1f} s of "
+            f"{best.seconds:.1f} s: the completion, where the server reads the chunks back into "
+            "the recording.",
+            f"{self.backend}: the {self.big_bytes // MiB:,} MiB tus upload took "
+            f"{self.big.seconds:.1f} s ({fmt(mb_per_s(self.big_bytes, self.big.seconds))} MB/s); "
+            f"server peak RSS of the plain {self.file_bytes // MiB:,} MiB uploads "
+            f"{fmt(self.plain_hwm_bytes / MB)} MB. Per round: {per_round}.",
+        ]
+        for side, seconds in (
+            ("plain", [r.plain.seconds for r in self.rounds]),
+            ("tus", [r.tus.seconds for r in self.rounds]),
+        ):
+            if len(seconds) > 1 and max(seconds) > SPREAD_WARNING * min(seconds):
+                notes.append(
+                    f"{self.backend}: the {side} upload varied by "
+                    f"{max(seconds) / min(seconds):.1f}× between rounds (a busy machine); "
+                    "compare the ratio over several runs."
+                )
+        return notes
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    backend: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TusUploadResult:
+    results: Sequence[BackendResult | Skipped]
+
+    def table(self) -> Table:
+        rows: list[Row] = []
+        notes: list[str] = []
+        for result in self.results:
+            if isinstance(result, Skipped):
+                rows.append(Row(f"{result.backend}: skipped", "—", "—", None, "—", "skipped"))
+                notes.append(f"{result.backend} skipped: {' '.join(result.reason.split())}")
+            else:
+                rows.extend(result.rows())
+                notes.extend(result.notes())
+        measured = [r for r in self.results if isinstance(r, BackendResult)]
+        size = measured[0].file_bytes // MiB if measured else FILE_BYTES // MiB
+        big = measured[0].big_bytes // MiB if measured else BIG_BYTES // MiB
+        return Table(
+            title=TITLE,
+            baseline_name="plain streaming upload",
+            intro=(
+                f"A {size:,} MiB WAV goes to a fresh `voxvault serve --workers 0` process "
+                "(`transcribe=false`), on the local backend and on S3 (moto's standalone "
+                "server on loopback): by `curl -T` to `POST /v1/recordings` (baseline), and "
+                f"over tus by `VaultClient.upload_resumable` in {CHUNK_BYTES // MiB} MiB "
+                "PATCHes with a sha1 `Upload-Checksum` each, timed until the final chunk "
+                "answers with the recording (the server turns the stored chunks into the "
+                f"recording first). Best of {len(measured[0].rounds) if measured else ROUNDS} "
+                f"rounds in alternating order. Memory: the server's peak RSS during a {big:,} "
+                f"MiB tus upload against its peak during the {size:,} MiB ones."
+            ),
+            rows=rows,
+            notes=[
+                "A tus upload moves every byte twice on the server: into a part blob per "
+                "chunk, then from the parts into the recording at completion (hashed and "
+                "probed there, as a plain upload is). The client is Python (httpx, sha1 per "
+                "chunk) and the baseline's is curl; all of them, and moto, share the machine's "
+                "CPUs with other work.",
+                *notes,
+            ],
+        )
+
+
+# ---- the two sides -----------------------------------------------------------------------------
+
+
+def _plain_upload(base_url: str, source: Path, response: Path) -> str:
+    out = run_tool(
+        [
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            str(int(TOOL_TIMEOUT_S)),
+            "-X",
+            "POST",
+            "-T",
+            str(source),
+            "-H",
+            "Content-Type: audio/wav",
+            "-o",
+            str(response),
+            "-w",
+            "%{http_code}",
+            f"{base_url}/v1/recordings?filename={source.name}&transcribe=false",
+        ],
+        timeout=TOOL_TIMEOUT_S + 30,
+    )
+    body = response.read_text(errors="replace")
+    response.unlink(missing_ok=True)
+    if out.strip() != "201":
+        raise BenchError(f"the plain upload answered {out.strip()}: {body[:500]}")
+    recording: dict[str, object] = json.loads(body)
+    return str(recording["sha256"])
+
+
+def _tus_upload(base_url: str, source: Path, store: Path) -> tuple[str, float]:
+    """(sha256 stored, seconds the final chunk took)."""
+    answered: list[float] = [time.perf_counter()]
+
+    async def upload() -> str:
+        # An explicit transport: no proxy from the environment between us and loopback.
+        async with VaultClient(base_url, transport=httpx.AsyncHTTPTransport()) as client:
+            recording = await client.upload_resumable(
+                source,
+                transcribe=False,
+                chunk_bytes=CHUNK_BYTES,
+                url_store=UploadUrlStore(store),
+                on_chunk=lambda _: answered.append(time.perf_counter()),
+            )
+        return str(recording["sha256"])
+
+    sha256 = anyio.run(upload)
+    return sha256, answered[-1] - answered[-2]
+
+
+def _time_upload(
+    kind: str, source: Path, sha256: str, workdir: Path, env: Mapping[str, str], name: str
+) -> Upload:
+    data_dir = workdir / f"data-{name}"
+    with voxvault_server(
+        data_dir, workdir / f"server-{name}.log", serve_args=["--workers", "0"], env=env
+    ) as server:
+        started = time.perf_counter()
+        final_s = 0.0
+        if kind == "plain":
+            stored = _plain_upload(server.base_url, source, workdir / f"response-{name}.json")
+        else:
+            stored, final_s = _tus_upload(server.base_url, source, workdir / "uploads.json")
+        elapsed = time.perf_counter() - started
+        hwm = proc_status_bytes(server.pid, "VmHWM")
+    if stored != sha256:
+        raise BenchError(f"the {kind} upload stored other bytes than were sent")
+    return Upload(elapsed, hwm, final_s)
+
+
+@contextlib.contextmanager
+def _backend(name: str, workdir: Path) -> Iterator[tuple[dict[str, str], Callable[[], None]]]:
+    """The server's environment for the backend, and what empties its blob store."""
+    if name == "local":
+        yield clean_env(), lambda: None
+        return
+    with moto_s3(workdir) as endpoint:
+        store = s3_store(endpoint)
+        env = {**s3_client_env(), "VOXVAULT_BLOB_URL": endpoint.blob_url}
+        yield env, lambda: empty_bucket(store)
+
+
+def _measure(
+    backend: str, workdir: Path, file_bytes: int, rounds: int, big_bytes: int
+) -> BackendResult:
+    with _backend(backend, workdir) as (env, empty):
+        env = {**env, "VOXVAULT_MAX_UPLOAD_BYTES": str(max(file_bytes, big_bytes) * 2)}
+        source = workdir / "upload.wav"
+        log(f"[tus] {backend}: writing a {file_bytes // MiB} MiB WAV")
+        sha256 = write_wav(source, file_bytes)
+        results: list[Round] = []
+        for number in range(1, rounds + 1):
+            order = ("plain", "tus") if number % 2 else ("tus", "plain")
+            timed = {
+                kind: _time_upload(kind, source, sha256, workdir, env, f"{backend}-{kind}-{number}")
+                for kind in order
+            }
+            for kind in order:
+                shutil.rmtree(workdir / f"data-{backend}-{kind}-{number}")
+            empty()
+            results.append(Round(timed["plain"], timed["tus"]))
+            log(
+                f"[tus] {backend} round {number}: plain "
+                f"{fmt(mb_per_s(file_bytes, timed['plain'].seconds))} MB/s, tus "
+                f"{fmt(mb_per_s(file_bytes, timed['tus'].seconds))} MB/s; server peak RSS "
+                f"{fmt(timed['plain'].hwm_bytes / MB)} / {fmt(timed['tus'].hwm_bytes / MB)} MB"
+            )
+        source.unlink()
+        big_source = workdir / "big.wav"
+        log(f"[tus] {backend}: writing a {big_bytes // MiB} MiB WAV")
+        big_sha256 = write_wav(big_source, big_bytes)
+        big = _time_upload("tus", big_source, big_sha256, workdir, env, f"{backend}-big")
+        shutil.rmtree(workdir / f"data-{backend}-big")
+        empty()
+        big_source.unlink()
+        log(
+            f"[tus] {backend}: {big_bytes // MiB} MiB over tus at "
+            f"{fmt(mb_per_s(big_bytes, big.seconds))} MB/s, server peak RSS "
+            f"{fmt(big.hwm_bytes / MB)} MB"
+        )
+    return BackendResult(backend, file_bytes, big_bytes, results, big)
+
+
+def run(
+    file_bytes: int = FILE_BYTES,
+    rounds: int = ROUNDS,
+    big_bytes: int = BIG_BYTES,
+    backends: Sequence[str] = BACKENDS,
+) -> TusUploadResult:
+    require_tools("curl")
+    results: list[BackendResult | Skipped] = []
+    for backend in backends:
+        with scratch_dir(f"tus-{backend}") as workdir:
+            try:
+                results.append(_measure(backend, workdir, file_bytes, rounds, big_bytes))
+            except Unavailable as exc:
+                log(f"[tus] {backend} skipped: {exc}")
+                results.append(Skipped(backend, str(exc)))
+    return TusUploadResult(results)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--size-mib", type=int, default=FILE_BYTES // MiB, help="file size")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, choices=range(1, 11))
+    parser.add_argument(
+        "--big-mib", type=int, default=BIG_BYTES // MiB, help="size of the memory test's upload"
+    )
+    parser.add_argument(
+        "--backend", action="append", choices=BACKENDS, help="only this backend (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    if args.size_mib < 1 or args.big_mib < 1:
+        parser.error("sizes must be at least 1 MiB")
+    raise_on_sigterm()
+    result = run(args.size_mib * MiB, args.rounds, args.big_mib * MiB, args.backend or BACKENDS)
+    print(render_text(result.table()))
+
+
+if __name__ == "__main__":
+    main()
