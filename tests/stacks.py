@@ -188,8 +188,11 @@ class ScaleOutStack(Stack):
         )
 
     def check_alive(self) -> None:
+        """Both API processes still run and have logged no crash (a 500 logs a traceback)."""
         for api in self.apis:
-            assert api.process.poll() is None, api.log.read_text()
+            log = api.log.read_text()
+            assert api.process.poll() is None, log
+            assert "Traceback" not in log, log
 
 
 def _raw_http(
