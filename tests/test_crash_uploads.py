@@ -76,7 +76,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
             data_dir=data_dir,
             env={},
             database_url=f"sqlite:///{data_dir / 'voxvault.db'}",
-            kills=12,
+            kills=10,
             blob_keys=lambda: [k for k in local_files(blobs) if not k.startswith(".staging/")],
             staging=lambda: local_files(blobs / ".staging"),
             gc_sweeps_staging=True,
@@ -92,7 +92,7 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
                 {"VOXVAULT_DATABASE_URL": database_url, "VOXVAULT_BLOB_URL": bucket.url}
             ),
             database_url=database_url,
-            kills=8,
+            kills=6,
             blob_keys=lambda: sorted(n.removeprefix(prefix) for n in bucket.object_names()),
             staging=bucket.pending_uploads,
             gc_sweeps_staging=False,
@@ -161,7 +161,7 @@ def test_nothing_a_client_was_told_is_stored_is_lost_through_kills(stack: Stack)
     # rest of the run is checked too.)
     rows = server.upload_rows()
     outlived = {
-        upload_id: rows.get(upload_id)
+        upload_id: (rows.get(upload_id), [k for k in keys if k.startswith(f"uploads/{upload_id}/")])
         for upload_id in upload_ids_with_bytes(keys)
         if upload_id in ledger.tus_uploads or rows.get(upload_id) != "active"
     }
@@ -189,7 +189,7 @@ def test_nothing_a_client_was_told_is_stored_is_lost_through_kills(stack: Stack)
 
     assert not outlived, run.fail_message(
         "parts of finished or terminated uploads outlived them past gc --grace 0 "
-        f"(upload id: state): {outlived}"
+        f"(upload id: state, keys): {outlived}"
     )
 
 
