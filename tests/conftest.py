@@ -128,5 +128,22 @@ def live_server(data_dir: Path) -> Iterator[LiveServer]:
 
 
 # The scale-out stack of the API suites (tests/stacks.py) starts once per session, whichever
-# modules use it; its own module imports this one, hence the import at the end.
-from tests.stacks import scaleout_stack  # noqa: E402, F401
+# modules use it, and stops after the last test that uses it; its own module imports this one,
+# hence the import at the end.
+from tests.stacks import scaleout_stack, stop_scaleout, uses_scaleout  # noqa: E402, F401
+
+_last_scaleout_test: list[pytest.Item] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    users = [item for item in session.items if uses_scaleout(item)]
+    _last_scaleout_test[:] = users[-1:]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    try:
+        return (yield)
+    finally:
+        if _last_scaleout_test and item is _last_scaleout_test[0]:
+            stop_scaleout()

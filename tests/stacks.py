@@ -268,9 +268,28 @@ def child_environment(settings: dict[str, str]) -> dict[str, str]:
     return {**kept, **credentials_env(), **settings}
 
 
+# The running scale-out stack's resources, so that it can stop once its last test is done.
+_running: list[ExitStack] = []
+
+
+def uses_scaleout(item: pytest.Item) -> bool:
+    fixtures: Sequence[str] = getattr(item, "fixturenames", ())
+    callspec = getattr(item, "callspec", None)
+    on_stack = callspec is not None and callspec.params.get("stack") == "scaleout"
+    return "scaleout_stack" in fixtures or ("stack" in fixtures and on_stack)
+
+
+def stop_scaleout() -> None:
+    """Stop the scale-out stack now, not at the end of the session: the tests after the last
+    one that uses it need the CPU and memory of its four processes."""
+    while _running:
+        _running.pop().close()
+
+
 @pytest.fixture(scope="session")
 def scaleout_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaleOutStack]:
     with ExitStack() as resources:
+        _running.append(resources)
         database_url = resources.enter_context(postgres_database())
         events = resources.enter_context(redis_keys())
         bucket = resources.enter_context(new_bucket())
