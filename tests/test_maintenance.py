@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,10 @@ from voxvault.blobs import keys as blob_keys
 from voxvault.blobs.local import LocalBlobStore
 from voxvault.cli import app
 from voxvault.jobs import open_job_queue
+from voxvault.metadata.uploads import UploadPart
 from voxvault.models import Recording, RecordingStatus
 from voxvault.pipeline.worker import run_workers
+from voxvault.uploads import COMPLETION_LEASE_S
 
 pytestmark = pytest.mark.anyio
 
@@ -494,4 +497,53 @@ async def test_gc_removes_expired_uploads_with_their_parts(data_dir: Path) -> No
                 await anyio.sleep(0.2)
         assert report.expired_uploads == 1
         assert await keys(vault) == []
+        assert (await vault.fsck(grace_s=0)).ok
+
+
+async def test_gc_removes_unrecorded_upload_parts_once_old_and_keeps_recorded_ones(
+    data_dir: Path,
+) -> None:
+    async with await Vault.open(Settings(data_dir=data_dir)) as vault:
+        live = await vault.uploads.create(100_000)
+        await vault.uploads.append(live.id, once(b"x" * 1000), offset=0)
+        recorded = await keys(vault)
+        # A chunk whose process died before recording it, and one of an upload with no row.
+        unrecorded = blob_keys.upload_part(live.id, "00001000-deadbeef")
+        rowless = blob_keys.upload_part("f" * 32, "00000000-deadbeef")
+        for key in (unrecorded, rowless):
+            await vault.blobs.put_bytes(key, b"y" * 10)
+        young = await vault.collect_garbage()  # within the grace: a chunk may be landing
+        assert young.upload_parts == []
+        old = await vault.collect_garbage(grace_s=0)
+        assert sorted(old.upload_parts) == sorted([unrecorded, rowless])
+        assert await keys(vault) == recorded
+        state = await vault.uploads.get(live.id)
+        assert state.offset == 1000
+        assert (await vault.fsck(grace_s=0)).ok
+
+
+async def test_gc_completes_a_full_upload_whose_completion_died(data_dir: Path) -> None:
+    data = wav_bytes(seconds=1.0)
+    async with await Vault.open(Settings(data_dir=data_dir)) as vault:
+        upload = await vault.uploads.create(len(data), {"transcribe": "false"})
+        # The last chunk lands and the upload is claimed for completion by a process that then
+        # dies: the claim's last sign of life is older than the completion lease.
+        name = "00000000-cafebabe"
+        await vault.blobs.put_bytes(blob_keys.upload_part(upload.id, name), data)
+        claimed_at = datetime.now(UTC) - timedelta(seconds=COMPLETION_LEASE_S + 5)
+        full = await vault.uploads.store.append_part(
+            upload.workspace,
+            upload.id,
+            expected_offset=0,
+            part=UploadPart(name=name, size=len(data)),
+            now=claimed_at,
+            expires_at=claimed_at + timedelta(days=1),
+        )
+        assert full is not None
+        report = await vault.collect_garbage(grace_s=0)
+        assert report.completed_uploads == [upload.recording_id]
+        recording = await vault.get_recording(upload.recording_id)
+        assert recording.sha256 == hashlib.sha256(data).hexdigest()
+        assert recording.status is RecordingStatus.STORED
+        assert [key for key in await keys(vault) if key.startswith("uploads/")] == []
         assert (await vault.fsck(grace_s=0)).ok

@@ -6,7 +6,9 @@ match (``corrupt``), rows whose blobs are gone (``missing``), and bytes no row r
 (``orphans``: blobs under ``recordings/`` and staging leftovers of puts that never finished).
 
 gc removes orphans and staging leftovers, the pipeline's scratch directories of jobs that are no
-longer queued or running, expired resumable uploads, and finishes deletes a crash cut short.
+longer queued or running, expired resumable uploads and the part blobs no upload needs (those of
+settled uploads, and unrecorded chunks), and finishes what a crash cut short: deletes, and the
+completion of full uploads whose client did not come back.
 
 Both run beside live traffic, so neither may take work in progress for damage:
 
@@ -108,13 +110,17 @@ class GcReport:
     staging: list[Problem] = field(default_factory=list)
     scratch: list[str] = field(default_factory=list)
     """Job ids whose scratch directories were removed."""
+    upload_parts: list[str] = field(default_factory=list)
+    """Part blobs of resumable uploads that no upload needs any more."""
+    completed_uploads: list[str] = field(default_factory=list)
+    """Recordings made from full uploads whose completion had been cut short."""
     staging_listed: bool = True
     """False when the blob store cannot list its staging (S3: incomplete multipart uploads are
     left to the bucket's ``AbortIncompleteMultipartUpload`` lifecycle rule)."""
 
     @property
     def removed(self) -> int:
-        return len(self.orphans) + len(self.staging) + len(self.scratch)
+        return len(self.orphans) + len(self.staging) + len(self.scratch) + len(self.upload_parts)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -124,6 +130,8 @@ class GcReport:
             "orphans": [p.as_json() for p in self.orphans],
             "staging": [p.as_json() for p in self.staging],
             "scratch": self.scratch,
+            "upload_parts": self.upload_parts,
+            "completed_uploads": self.completed_uploads,
             "staging_listed": self.staging_listed,
         }
 
@@ -308,7 +316,9 @@ async def collect_garbage(vault: Vault, *, grace_s: float | None = None) -> GcRe
     sweep = _Sweep(vault, grace_s)
     report = GcReport(staging_listed=vault.blobs.lists_staging)
     report.interrupted_deletes = await vault.finish_interrupted_deletes()
+    report.completed_uploads = await vault.uploads.finish_stalled_completions()
     report.expired_uploads = await remove_expired_uploads(vault)
+    report.upload_parts = await vault.uploads.sweep_parts(sweep.cutoff)
     listed, accounted = await sweep.listed_and_accounted()
     for orphan in await sweep.orphans(listed, accounted):
         # A last look just before the delete: a put may have landed since it was found.

@@ -33,6 +33,7 @@ import anyio
 import anyio.abc
 from pydantic import ValidationError
 
+from voxvault.blobs import BlobInfo
 from voxvault.blobs import keys as blob_keys
 from voxvault.errors import (
     BackendUnavailable,
@@ -67,6 +68,7 @@ CHECKSUM_ALGORITHMS: Final = ("sha1", "sha256", "md5")
 METADATA_KEYS: Final = ("filename", "title", "content_type", "tags", "transcribe")
 MAX_METADATA_VALUE_BYTES = 16 * 1024
 COMPLETION_LEASE_S = 60.0
+SETTLED = frozenset({UploadStatus.COMPLETED, UploadStatus.TERMINATED})
 """A completing upload whose process gave no sign of life for this long is taken over."""
 _UPLOAD_ID_LENGTH = 32
 _HEX = frozenset("0123456789abcdef")
@@ -380,7 +382,7 @@ class ResumableUploads:
             expires_at=expires_at,
             error=error,
         )
-        await self.vault.blobs.delete_prefix(blob_keys.upload_prefix(upload.id))
+        await self._remove_parts(upload)
         return Upload(
             id=upload.id,
             workspace=upload.workspace,
@@ -430,7 +432,56 @@ class ResumableUploads:
             await self.terminate(upload_id)  # it moved meanwhile: answer for its new state
             return
         with anyio.CancelScope(shield=True):
+            await self._remove_parts(upload)
+
+    async def _remove_parts(self, upload: Upload) -> None:
+        """Remove a settled upload's parts. The upload is settled either way: what a failure
+        here leaves, the next sweep removes (``sweep_parts``), so the request still succeeds."""
+        try:
             await self.vault.blobs.delete_prefix(blob_keys.upload_prefix(upload.id))
+        except Exception:
+            log.warning("upload %s: its parts wait for the next sweep", upload.id, exc_info=True)
+
+    async def sweep_parts(self, older_than: datetime) -> list[str]:
+        """Remove the part blobs no upload needs; returns their keys.
+
+        Every part of a settled (completed or terminated) upload: a process that died between
+        settling it and removing its parts left them. Parts that a live upload's row does not
+        list (a chunk whose process died before recording it), and parts whose upload has no
+        row, once older than ``older_than``: a younger one may be a chunk landing now.
+        """
+        staged: dict[str, list[BlobInfo]] = {}
+        async for info in self.vault.blobs.list(blob_keys.UPLOADS_PREFIX):
+            upload_id = info.key.removeprefix(blob_keys.UPLOADS_PREFIX).split("/", 1)[0]
+            staged.setdefault(upload_id, []).append(info)
+        rows = await self.store.find_uploads(list(staged))
+        removed: list[str] = []
+        for upload_id, infos in staged.items():
+            row = rows.get(upload_id)
+            settled = row is not None and row.status in SETTLED
+            listed = set() if row is None or settled else _part_keys(row)
+            for info in infos:
+                if info.key in listed or (not settled and info.modified_at >= older_than):
+                    continue
+                if await self.vault.blobs.delete(info.key):
+                    removed.append(info.key)
+        return removed
+
+    async def finish_stalled_completions(self) -> list[str]:
+        """Complete every full upload whose completing process died and whose client has not
+        come back to finish it (a HEAD or PATCH would); returns the recordings' ids."""
+        stale_before = _now() - timedelta(seconds=COMPLETION_LEASE_S)
+        finished: list[str] = []
+        for upload in await self.store.list_stalled_completions(stale_before):
+            uploads = self.vault.for_workspace(upload.workspace).uploads
+            try:
+                done = await uploads._take_over(upload)
+            except VoxVaultError as exc:  # refused media: the upload is terminated by now
+                log.info("upload %s could not be completed: %s", upload.id, exc.message)
+                continue
+            if done.status is UploadStatus.COMPLETED:
+                finished.append(done.recording_id)
+        return finished
 
     async def expire_uploads(self, now: datetime | None = None) -> int:
         """Remove every upload (of every workspace) whose time ran out by ``now``, with its
@@ -462,6 +513,10 @@ class ResumableUploads:
             if not progressed:
                 break
         return removed
+
+
+def _part_keys(upload: Upload) -> set[str]:
+    return {blob_keys.upload_part(upload.id, part.name) for part in upload.parts}
 
 
 async def _verified(

@@ -182,3 +182,24 @@ async def test_expired_uploads_are_listed_across_workspaces_and_deleted(
     assert await store.delete_upload(WS, old.id)
     assert not await store.delete_upload(WS, old.id)
     assert len(await store.list_expired_uploads(LATER + timedelta(seconds=1))) == 1
+
+
+async def test_uploads_are_found_by_id_in_any_workspace_and_status(store: UploadStore) -> None:
+    live = await new_upload(store)
+    done = await new_upload(store, length=10)
+    assert await append(store, done, 0, 10) is not None
+    missing = uuid.uuid4().hex
+    found = await store.find_uploads([live.id, done.id, missing])
+    assert set(found) == {live.id, done.id}
+    assert found[live.id] == live
+    assert found[done.id].status is UploadStatus.COMPLETING
+    assert await store.find_uploads([]) == {}
+
+
+async def test_stalled_completions_are_listed_only_once_stale(store: UploadStore) -> None:
+    full = await new_upload(store, length=10)
+    assert await append(store, full, 0, 10) is not None  # completing, claimed at NOW
+    await new_upload(store)  # active: never listed
+    assert await store.list_stalled_completions(NOW) == []
+    (stalled,) = await store.list_stalled_completions(NOW + timedelta(seconds=1))
+    assert (stalled.id, stalled.status) == (full.id, UploadStatus.COMPLETING)

@@ -37,9 +37,12 @@ def recording_playback(recording_id: str) -> str:
     return f"recordings/{recording_id}/playback.opus"
 
 
+UPLOADS_PREFIX = "uploads/"
+
+
 def upload_prefix(upload_id: str) -> str:
     """Everything a resumable upload has staged (handbook §2: ``uploads/{upload_id}``)."""
-    return f"uploads/{upload_id}/"
+    return f"{UPLOADS_PREFIX}{upload_id}/"
 
 
 def upload_part(upload_id: str, name: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -122,6 +122,17 @@ class UploadStore(ABC):
 
     @abstractmethod
     async def delete_upload(self, workspace: str, upload_id: str) -> bool: ...
+
+    @abstractmethod
+    async def list_stalled_completions(self, stale_before: datetime) -> list[Upload]:
+        """``completing`` uploads (every workspace) with no sign of life since ``stale_before``."""
+
+    @abstractmethod
+    async def find_uploads(self, upload_ids: Collection[str]) -> dict[str, Upload]:
+        """The uploads of these ids that have a row, in any workspace and status, by id."""
+
+
+_FIND_BATCH = 500  # ids per query: well under every engine's bound parameter limit
 
 
 def _part(value: Any) -> UploadPart:
@@ -327,6 +338,28 @@ class SqlUploadStore(UploadStore):
         async with self.engine.begin() as conn:
             result = await conn.execute(uploads.delete().where(self._row(workspace, upload_id)))
             return result.rowcount == 1
+
+    async def list_stalled_completions(self, stale_before: datetime) -> list[Upload]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(uploads)
+                .where(
+                    uploads.c.status == UploadStatus.COMPLETING.value,
+                    uploads.c.updated_at < stale_before,
+                )
+                .order_by(uploads.c.updated_at, uploads.c.id)
+            )
+            return [_upload(row) for row in rows]
+
+    async def find_uploads(self, upload_ids: Collection[str]) -> dict[str, Upload]:
+        found: dict[str, Upload] = {}
+        wanted = list(upload_ids)
+        async with self.engine.connect() as conn:
+            for start in range(0, len(wanted), _FIND_BATCH):
+                batch = wanted[start : start + _FIND_BATCH]
+                rows = await conn.execute(sa.select(uploads).where(uploads.c.id.in_(batch)))
+                found.update((row.id, _upload(row)) for row in rows)
+        return found
 
 
 def open_upload_store(metadata: MetadataStore) -> UploadStore:
