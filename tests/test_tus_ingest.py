@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from tests.conftest import LiveServer
 from tests.faults import TcpProxy
@@ -54,8 +54,8 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def ingest(server_url: str, path: Path, store: Path, *extra: str) -> list[dict[str, object]]:
-    result = CliRunner().invoke(
+def run_ingest(server_url: str, path: Path, store: Path, *extra: str) -> Result:
+    return CliRunner().invoke(
         app,
         [
             "--data-dir",
@@ -73,6 +73,10 @@ def ingest(server_url: str, path: Path, store: Path, *extra: str) -> list[dict[s
             *extra,
         ],
     )
+
+
+def ingest(server_url: str, path: Path, store: Path, *extra: str) -> list[dict[str, object]]:
+    result = run_ingest(server_url, path, store, *extra)
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
     recordings: list[dict[str, object]] = json.loads(result.stdout)
     return recordings
@@ -134,6 +138,12 @@ def test_an_interrupted_ingest_resumes_from_the_stored_url_without_resending(
         held = CHUNKS_BEFORE_THE_STOP * CHUNK_BYTES
         assert chunks == [CHUNK_BYTES * n for n in range(1, CHUNKS_BEFORE_THE_STOP + 1)]
         (url,) = json.loads(store.read_text()).values()
+
+        # A run while the server is away fails, and keeps the URL for the next one.
+        away = run_ingest(endpoint, speech, store)
+        assert away.exit_code == 1
+        assert "run the same command again to resume" in away.stderr
+        assert list(json.loads(store.read_text()).values()) == [url]
 
         second = LiveServer(data_dir, args=["--workers", "0"])
         servers.append(second)

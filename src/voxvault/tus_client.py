@@ -201,39 +201,38 @@ class ResumableUpload:
 
     async def run(self) -> str:
         """Send what the server lacks; the id of the recording the upload became."""
-        recording_id = await self._resume_stored()
-        if recording_id is None and self.url is None:
-            await self._create()
+        self.url = self.store.get(self.key)
+        resuming = needs_head = self.url is not None
+        recording_id: str | None = None
         failures = 0
         while recording_id is None:
             try:
-                recording_id = await self._step()
+                if self.url is None:
+                    await self._create()
+                elif needs_head:
+                    try:
+                        recording_id = await self._head()
+                    except NotFound:
+                        if not resuming:
+                            raise
+                        # The stored upload ended or expired: start afresh.
+                        self.store.discard(self.key)
+                        self.url, self.offset = None, 0
+                    if resuming and self.url is not None:
+                        self.resumed_from = self.offset
+                    resuming = needs_head = False
+                else:
+                    recording_id = await self._step()
                 failures = 0
             except _Retry as retry:
+                # A server away keeps the stored URL: the next attempt, or the next run, resumes.
                 failures += 1
                 if failures >= self.max_attempts:
                     raise retry.cause from None
                 await anyio.sleep(min(self.backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S))
-                with contextlib.suppress(_Retry):
-                    recording_id = await self._head()
+                needs_head = self.url is not None
         self.store.discard(self.key)
         self._report(self.size)
-        return recording_id
-
-    async def _resume_stored(self) -> str | None:
-        url = self.store.get(self.key)
-        if url is None:
-            return None
-        self.url = url
-        try:
-            recording_id = await self._head()
-        except (NotFound, _Retry):
-            # Gone, expired, or its server is not this one any more: start afresh.
-            self.store.discard(self.key)
-            self.url = None
-            self.offset = 0
-            return None
-        self.resumed_from = self.offset
         return recording_id
 
     async def _create(self) -> None:
@@ -241,14 +240,19 @@ class ResumableUpload:
             f"{key} {base64.b64encode(value.encode()).decode()}"
             for key, value in self.metadata.items()
         )
-        response = await self.http.post(
-            UPLOADS_PATH,
-            headers={
-                "Tus-Resumable": TUS_VERSION,
-                "Upload-Length": str(self.size),
-                "Upload-Metadata": encoded,
-            },
-        )
+        try:
+            response = await self.http.post(
+                UPLOADS_PATH,
+                headers={
+                    "Tus-Resumable": TUS_VERSION,
+                    "Upload-Length": str(self.size),
+                    "Upload-Metadata": encoded,
+                },
+            )
+        except httpx.TransportError as exc:
+            raise _Retry(exc) from None
+        if response.status_code >= 500:
+            raise _Retry(error_of(response))
         if response.status_code != 201 or "location" not in response.headers:
             raise error_of(response)
         # Kept before the first byte goes out: from here on, any crash can resume.
