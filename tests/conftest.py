@@ -25,11 +25,13 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No VOXVAULT_* setting of the developer's shell leaks into a test."""
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No VOXVAULT_* setting of the developer's shell leaks into a test, and no test writes
+    the user's own files (the resumable-upload client keeps its URLs in the user's cache)."""
     for name in list(os.environ):
         if name.startswith("VOXVAULT_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("VOXVAULT_UPLOAD_STORE", str(tmp_path / "upload-urls.json"))
 
 
 @pytest.fixture
