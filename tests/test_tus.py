@@ -529,15 +529,15 @@ async def test_a_completion_cut_short_is_finished_once_by_a_later_head(
 ) -> None:
     url = await create(client)
     assert (await patch(client, url, 0, WAV[:1000])).status_code == 204
-    real_create = Vault.create_recording
+    real_create = Vault.create_recording_from_blobs
 
     async def store_away(*args: Any, **kwargs: Any) -> Any:
         raise BackendUnavailable("the blob store is away")
 
-    monkeypatch.setattr(Vault, "create_recording", store_away)
+    monkeypatch.setattr(Vault, "create_recording_from_blobs", store_away)
     response = await patch(client, url, 1000, WAV[1000:])
     assert response.status_code == 503
-    monkeypatch.setattr(Vault, "create_recording", real_create)
+    monkeypatch.setattr(Vault, "create_recording_from_blobs", real_create)
 
     # Its process may still be at it: the offset is told, no recording yet.
     pending = await client.head(url, headers=TUS)
@@ -712,3 +712,51 @@ def test_an_upload_begun_on_one_process_continues_on_another(
     prefix = f"{bucket.prefix}/" if bucket.prefix else ""
     assert bucket.object_names() == [f"{prefix}recordings/{recording_id}/original"]
     assert bucket.pending_uploads() == []
+
+
+# ---- the recording's sha256 -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seen_by_this_process", [True, False])
+async def test_the_recording_is_hashed_as_chunks_arrive_or_from_its_parts(
+    client: httpx.AsyncClient, seen_by_this_process: bool
+) -> None:
+    from voxvault import uploads
+
+    url = await create(client)
+    third = len(WAV) // 3
+    assert (await patch(client, url, 0, WAV[:third])).status_code == 204
+    if not seen_by_this_process:
+        # The next chunk comes through another process: this one's running hash is of no use.
+        uploads._running_hashes.forget(url.rsplit("/", 1)[1])
+    assert (await patch(client, url, third, WAV[third : 2 * third])).status_code == 204
+    response = await patch(client, url, 2 * third, WAV[2 * third :])
+    assert response.status_code == 204
+    recording_id = response.headers["VoxVault-Recording-Id"]
+    recording = (await client.get(f"/v1/recordings/{recording_id}")).json()
+    assert recording["sha256"] == hashlib.sha256(WAV).hexdigest()
+    assert recording["size_bytes"] == len(WAV)
+    assert (await client.get(f"/v1/recordings/{recording_id}/audio")).content == WAV
+
+
+def test_a_running_hash_is_used_only_at_the_offset_it_was_made_for() -> None:
+    from voxvault.uploads import _RunningHashes
+
+    hashes = _RunningHashes(capacity=2)
+    fresh = hashes.resume("u1", 0)
+    assert fresh is not None
+    fresh.update(b"abc")
+    hashes.advance("u1", 3, fresh)
+    assert hashes.sha256("u1", 3) == hashlib.sha256(b"abc").hexdigest()
+    assert hashes.sha256("u1", 4) is None
+    assert hashes.resume("u1", 5) is None  # another process stored bytes 3..5
+    resumed = hashes.resume("u1", 3)
+    assert resumed is not None
+    resumed.update(b"lost race")  # a copy: the kept hash is untouched
+    assert hashes.sha256("u1", 3) == hashlib.sha256(b"abc").hexdigest()
+    hashes.advance("u1", 12, None)  # stored without a hash: forgotten
+    assert hashes.resume("u1", 12) is None
+    for name in ("u2", "u3", "u4"):
+        hashes.advance(name, 1, hashlib.sha256(b"x"))
+    assert hashes.sha256("u2", 1) is None  # the least recently used went first
+    assert hashes.sha256("u4", 1) is not None

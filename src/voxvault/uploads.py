@@ -24,10 +24,11 @@ import hashlib
 import logging
 import secrets
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 import anyio.abc
@@ -35,6 +36,7 @@ from pydantic import ValidationError
 
 from voxvault.blobs import BlobInfo
 from voxvault.blobs import keys as blob_keys
+from voxvault.blobs.base import Digest
 from voxvault.errors import (
     BackendUnavailable,
     ChecksumMismatch,
@@ -70,6 +72,8 @@ MAX_METADATA_VALUE_BYTES = 16 * 1024
 COMPLETION_LEASE_S = 60.0
 SETTLED = frozenset({UploadStatus.COMPLETED, UploadStatus.TERMINATED})
 """A completing upload whose process gave no sign of life for this long is taken over."""
+RUNNING_HASHES = 1024
+"""How many uploads' running sha256 one process keeps (a few hundred bytes each)."""
 _UPLOAD_ID_LENGTH = 32
 _HEX = frozenset("0123456789abcdef")
 
@@ -102,6 +106,68 @@ class Checksum:
                 f"a {algorithm} checksum is {hashlib.new(algorithm).digest_size} bytes"
             )
         return cls(algorithm, digest)
+
+
+class _ChecksumCheck:
+    """Verifies a chunk against its ``Upload-Checksum`` as the put stores it."""
+
+    def __init__(self, checksum: Checksum) -> None:
+        self._checksum = checksum
+        self._digest = hashlib.new(checksum.algorithm, usedforsecurity=False)
+
+    def update(self, data: bytes, /) -> None:
+        self._digest.update(data)
+
+    def verify(self) -> None:
+        if self._digest.digest() != self._checksum.digest:
+            raise ChecksumMismatch(
+                f"the chunk does not match its {self._checksum.algorithm} checksum",
+                detail={"algorithm": self._checksum.algorithm},
+            )
+
+
+class _RunningHashes:
+    """The sha256 of each upload's bytes so far, kept by the process its chunks came through,
+    so that completion need not read them back to hash them (bounded, least recently used).
+
+    An entry is trusted only at the offset it was made for: parts are never rewritten, so an
+    upload at that offset holds exactly the bytes hashed. A chunk stored by another process
+    moves the upload past the entry, which is then never used; completion hashes the parts.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[str, tuple[int, Digest]] = OrderedDict()
+
+    def resume(self, upload_id: str, offset: int) -> Digest | None:
+        """A copy of the hash of the upload's first ``offset`` bytes, to continue with the chunk
+        at ``offset``; None when this process has not seen them all."""
+        if offset == 0:
+            return hashlib.sha256()
+        entry = self._entries.get(upload_id)
+        if entry is None or entry[0] != offset:
+            return None
+        return entry[1].copy()
+
+    def advance(self, upload_id: str, offset: int, digest: Digest | None) -> None:
+        """The upload is now at ``offset``; ``digest`` hashes its bytes up to there (or None)."""
+        if digest is None:
+            self._entries.pop(upload_id, None)
+            return
+        self._entries[upload_id] = (offset, digest)
+        self._entries.move_to_end(upload_id)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    def sha256(self, upload_id: str, offset: int) -> str | None:
+        entry = self._entries.get(upload_id)
+        return entry[1].hexdigest() if entry is not None and entry[0] == offset else None
+
+    def forget(self, upload_id: str) -> None:
+        self._entries.pop(upload_id, None)
+
+
+_running_hashes = _RunningHashes(RUNNING_HASHES)
 
 
 def check_upload_id(upload_id: str) -> str:
@@ -272,8 +338,14 @@ class ResumableUploads:
             return await self.get(upload_id) if upload.status is UploadStatus.COMPLETING else upload
         name = f"{len(upload.parts):08d}-{secrets.token_hex(4)}"
         key = blob_keys.upload_part(upload.id, name)
+        running = _running_hashes.resume(upload.id, offset)
         stored = await self.vault.blobs.put_stream(
-            key, _verified(chunks, checksum), max_bytes=remaining, allow_empty=True
+            key,
+            _verified(chunks, checksum),
+            max_bytes=remaining,
+            allow_empty=True,
+            sha256=running,
+            checks=[_ChecksumCheck(checksum)] if checksum else [],
         )
         if stored.size == 0:
             await self.vault.blobs.delete(key)
@@ -301,6 +373,7 @@ class ResumableUploads:
                 f"another request moved the upload to offset {current.offset} meanwhile",
                 detail={"upload_offset": current.offset},
             )
+        _running_hashes.advance(upload.id, appended.offset, running)
         if appended.status is UploadStatus.COMPLETING:
             return await self._complete(appended)
         return appended
@@ -349,8 +422,10 @@ class ResumableUploads:
         except NotFound:
             meta = upload.metadata
             try:
-                await vault.create_recording(
-                    self._read_parts(upload),
+                await vault.create_recording_from_blobs(
+                    await self._part_keys_checked(upload),
+                    # Known when every chunk came through this process: no need to read them.
+                    sha256=_running_hashes.sha256(upload.id, upload.length),
                     recording_id=upload.recording_id,
                     filename=meta.get("filename"),
                     content_type=meta.get("content_type"),
@@ -382,6 +457,7 @@ class ResumableUploads:
             expires_at=expires_at,
             error=error,
         )
+        _running_hashes.forget(upload.id)
         await self._remove_parts(upload)
         return Upload(
             id=upload.id,
@@ -397,7 +473,9 @@ class ResumableUploads:
             error=error,
         )
 
-    async def _read_parts(self, upload: Upload) -> AsyncIterator[bytes]:
+    async def _part_keys_checked(self, upload: Upload) -> list[str]:
+        """The keys of the upload's parts, in order, each checked to hold the bytes recorded."""
+        keys: list[str] = []
         for part in upload.parts:
             key = blob_keys.upload_part(upload.id, part.name)
             info = await self.vault.blobs.stat(key)
@@ -406,8 +484,8 @@ class ResumableUploads:
                     f"part {part.name} of upload {upload.id} holds {info.size} bytes, "
                     f"not {part.size}"
                 )
-            async for chunk in self.vault.blobs.stream_range(key, 0, part.size):
-                yield chunk
+            keys.append(key)
+        return keys
 
     # ---- termination and expiry --------------------------------------------------------------
 
@@ -431,6 +509,7 @@ class ResumableUploads:
         ):
             await self.terminate(upload_id)  # it moved meanwhile: answer for its new state
             return
+        _running_hashes.forget(upload.id)
         with anyio.CancelScope(shield=True):
             await self._remove_parts(upload)
 
@@ -522,20 +601,12 @@ def _part_keys(upload: Upload) -> set[str]:
 async def _verified(
     chunks: AsyncIterable[bytes], checksum: Checksum | None
 ) -> AsyncIterator[bytes]:
-    """The chunk's bytes; raising at the end if they do not match ``checksum``, so the store
-    never commits them. A cut-short body ends the stream (keeping what came) when unchecked."""
-    digest: Any = hashlib.new(checksum.algorithm) if checksum else None
+    """The chunk's bytes (the put verifies them against ``checksum`` before committing them).
+    A cut-short body ends the stream, keeping what came, unless a checksum was sent."""
     try:
         async for chunk in chunks:
-            if digest is not None:
-                digest.update(chunk)
             yield chunk
     except BodyCut:
         if checksum is not None:
             raise InvalidRequest("the chunk was cut short; its checksum cannot match") from None
         return
-    if checksum is not None and digest.digest() != checksum.digest:
-        raise ChecksumMismatch(
-            f"the chunk does not match its {checksum.algorithm} checksum",
-            detail={"algorithm": checksum.algorithm},
-        )

@@ -13,7 +13,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +24,7 @@ import anyio.to_thread
 from pydantic import TypeAdapter, ValidationError
 
 from voxvault import exports
-from voxvault.blobs import BlobStore, open_blob_store
+from voxvault.blobs import BlobStore, StoredBlob, open_blob_store
 from voxvault.blobs import keys as blob_keys
 from voxvault.coalesce import Coalescer
 from voxvault.errors import (
@@ -254,6 +254,63 @@ class Vault:
         that chose the id beforehand so that a retry after a crash finds its recording (a
         completed resumable upload); it must not run twice at once for one id.
         """
+        return await self._create_recording(
+            lambda key, limit: self.blobs.put_stream(key, chunks, max_bytes=limit),
+            filename=filename,
+            content_type=content_type,
+            title=title,
+            tags=tags,
+            metadata=metadata,
+            declared_size=declared_size,
+            transcribe=transcribe,
+            recording_id=recording_id,
+        )
+
+    async def create_recording_from_blobs(
+        self,
+        parts: Sequence[str],
+        *,
+        sha256: str | None = None,
+        filename: str | None = None,
+        content_type: str | None = None,
+        title: str | None = None,
+        tags: list[str] | None = None,
+        declared_size: int | None = None,
+        transcribe: bool = True,
+        recording_id: str | None = None,
+    ) -> Recording:
+        """``create_recording`` of the stored blobs ``parts``, one after the other (the chunks
+        of a resumable upload), under the same rules; the parts stay.
+
+        The store joins them itself where it can (``BlobStore.compose``), and ``sha256``, taken
+        as the bytes arrived, spares reading them back to hash them.
+        """
+        return await self._create_recording(
+            lambda key, limit: self.blobs.compose(key, parts, sha256=sha256, max_bytes=limit),
+            filename=filename,
+            content_type=content_type,
+            title=title,
+            tags=tags,
+            declared_size=declared_size,
+            transcribe=transcribe,
+            recording_id=recording_id,
+        )
+
+    async def _create_recording(
+        self,
+        store: Callable[[str, int], Awaitable[StoredBlob]],
+        *,
+        filename: str | None,
+        content_type: str | None,
+        title: str | None,
+        tags: list[str] | None,
+        metadata: Mapping[str, Any] | None = None,
+        declared_size: int | None,
+        transcribe: bool,
+        recording_id: str | None,
+    ) -> Recording:
+        """Check the fields, ``store`` the bytes under the original's key (within the upload
+        limit), probe them and record them: the rules every new recording goes through."""
         filename = check_filename(filename)
         fields = self._validate_patch(
             {"title": title, "tags": tags or [], "metadata": dict(metadata or {})}
@@ -266,7 +323,7 @@ class Vault:
             )
         recording_id = check_recording_id(recording_id) if recording_id else new_recording_id()
         key = blob_keys.recording_original(recording_id)
-        stored = await self.blobs.put_stream(key, chunks, max_bytes=limit)
+        stored = await store(key, limit)
         inserted = False
         try:
             source = BlobFile(self.blobs, key, stored.size)

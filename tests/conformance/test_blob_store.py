@@ -413,3 +413,78 @@ async def test_remove_staging_never_removes_a_blob(store: BlobStore, name: str) 
     await store.put_bytes("k/v", b"kept")
     assert await store.remove_staging(StagedLeftover(name, 4, datetime.now(UTC))) is False
     assert await store.read_all("k/v") == b"kept"
+
+
+async def test_a_put_continues_a_running_hash_and_feeds_its_checks(store: BlobStore) -> None:
+    first, second = os.urandom(70_000), os.urandom(50_000)
+    running = hashlib.sha256(first)
+
+    class Collect:
+        def __init__(self) -> None:
+            self.seen = bytearray()
+
+        def update(self, data: bytes, /) -> None:
+            self.seen += data
+
+        def verify(self) -> None:
+            pass
+
+    check = Collect()
+    stored = await store.put_stream("k/second", chunks_of(second), sha256=running, checks=[check])
+    assert stored.size == len(second)
+    assert stored.sha256 == running.hexdigest() == hashlib.sha256(first + second).hexdigest()
+    assert bytes(check.seen) == second
+    assert await store.read_all("k/second") == second
+
+
+async def test_a_check_refusing_the_bytes_leaves_nothing(store: BlobStore) -> None:
+    class Refuse:
+        def update(self, data: bytes, /) -> None:
+            pass
+
+        def verify(self) -> None:
+            raise ValueError("not these bytes")
+
+    await store.put_bytes("k/v", b"old")
+    with pytest.raises(ValueError, match="not these bytes"):
+        await store.put_stream("k/v", chunks_of(b"new" * 10_000), checks=[Refuse()])
+    assert await store.read_all("k/v") == b"old"
+    await assert_no_staging_left(store)
+
+
+@pytest.mark.parametrize("hashed_before", [True, False])
+async def test_compose_joins_parts_in_order_and_keeps_them(
+    store: BlobStore, hashed_before: bool
+) -> None:
+    parts = [os.urandom(size) for size in (1, 3 * 1024 * 1024 + 5, 0, 77_777)]
+    keys = [f"uploads/u/parts/{i:08d}" for i in range(len(parts))]
+    for key, data in zip(keys, parts, strict=True):
+        await store.put_bytes(key, data)
+    joined = b"".join(parts)
+    digest = hashlib.sha256(joined).hexdigest()
+    stored = await store.compose(
+        "recordings/r/original", keys, sha256=digest if hashed_before else None
+    )
+    assert (stored.size, stored.sha256) == (len(joined), digest)
+    assert await store.read_all("recordings/r/original") == joined
+    for key, data in zip(keys, parts, strict=True):
+        assert await store.read_all(key) == data
+    await assert_no_staging_left(store)
+
+
+@pytest.mark.parametrize("hashed_before", [True, False])
+async def test_compose_of_a_missing_part_or_past_the_limit_leaves_nothing(
+    store: BlobStore, hashed_before: bool
+) -> None:
+    await store.put_bytes("uploads/u/parts/a", b"a" * 6000)
+    digest = "0" * 64 if hashed_before else None
+    with pytest.raises(NotFound):
+        await store.compose(
+            "recordings/r/original", ["uploads/u/parts/a", "uploads/u/parts/b"], sha256=digest
+        )
+    with pytest.raises(PayloadTooLarge):
+        await store.compose(
+            "recordings/r/original", ["uploads/u/parts/a"], sha256=digest, max_bytes=5000
+        )
+    assert await all_keys(store) == ["uploads/u/parts/a"]
+    await assert_no_staging_left(store)

@@ -11,11 +11,11 @@ import hashlib
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import anyio
 import anyio.to_thread
@@ -30,6 +30,41 @@ FILE_CHUNK_BYTES = 1024 * 1024
 # reading the body until the thread has caught up by half, so a slow disk throttles the client
 # through TCP instead of filling memory; below it, the loop never waits for hashing or the disk.
 PUT_QUEUE_BYTES = 8 * 1024 * 1024
+
+
+class Digest(Protocol):
+    """A running hash, as hashlib makes them."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+    def copy(self) -> Digest: ...
+
+
+class ByteCheck(Protocol):
+    """Something a put feeds every byte to and asks, before committing, whether to go on."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def verify(self) -> None:
+        """Raise to refuse the bytes fed; the put then leaves nothing behind."""
+
+
+class _KnownDigest:
+    """A hash already known: a put that is given one hashes nothing."""
+
+    def __init__(self, hexdigest: str) -> None:
+        self._hexdigest = hexdigest
+
+    def update(self, data: bytes, /) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return self._hexdigest
+
+    def copy(self) -> Digest:
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,19 +231,27 @@ class BlobStore(ABC):
         *,
         max_bytes: int | None = None,
         allow_empty: bool = False,
+        sha256: Digest | None = None,
+        checks: Sequence[ByteCheck] = (),
     ) -> StoredBlob:
         """Store the stream under ``key`` (replacing any blob there) and return its size and hash.
 
         Raises ``PayloadTooLarge`` as soon as the stream passes ``max_bytes`` and ``EmptyUpload``
         for an empty stream unless ``allow_empty``; in every failure, nothing is left behind.
+
+        ``sha256`` continues a running hash (updated in place) instead of starting one, so that
+        bytes stored in several puts are hashed once as they arrive; the returned ``sha256`` is
+        then the running one. Each of ``checks`` sees every byte, in a thread of its own, and is
+        asked to ``verify`` before the commit.
         """
         validate_key(key)
         sink = await anyio.to_thread.run_sync(self._open_sink, key)
-        digest = hashlib.sha256()
+        digest = sha256 if sha256 is not None else hashlib.sha256()
         lanes: list[_Lane] = []
         size = 0
         try:
             lanes += [_Lane(digest.update, "hash"), _Lane(sink.write, "write")]
+            lanes += [_Lane(check.update, "check") for check in checks]
             async for chunk in chunks:
                 if not chunk:
                     continue
@@ -228,6 +271,8 @@ class BlobStore(ABC):
                 raise EmptyUpload("the upload is empty")
             for lane in lanes:
                 await lane.drain()
+            for check in checks:
+                check.verify()
             await anyio.to_thread.run_sync(sink.commit)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -236,8 +281,35 @@ class BlobStore(ABC):
                     await lane.abandon()
                 await anyio.to_thread.run_sync(sink.abort)
             raise
-        sha256 = digest.hexdigest()
-        return StoredBlob(key=key, size=size, sha256=sha256)
+        return StoredBlob(key=key, size=size, sha256=digest.hexdigest())
+
+    async def compose(
+        self,
+        key: str,
+        parts: Sequence[str],
+        *,
+        sha256: str | None = None,
+        max_bytes: int | None = None,
+    ) -> StoredBlob:
+        """Store the blobs ``parts``, one after the other, under ``key``; the parts stay.
+
+        ``sha256`` is the caller's hash of those bytes, taken as they arrived, so that they are
+        not read back to be hashed; without it they are hashed on the way. ``NotFound`` for a
+        missing part, ``PayloadTooLarge`` past ``max_bytes``; in every failure, nothing is left
+        behind. Streamed through ``put_stream`` here; a store that can join blobs without
+        moving their bytes through the process does that instead.
+        """
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for part in parts:
+                info = await self.stat(part)
+                async for chunk in self.stream_range(part, 0, info.size):
+                    yield chunk
+
+        known = _KnownDigest(sha256) if sha256 is not None else None
+        return await self.put_stream(
+            key, chunks(), max_bytes=max_bytes, allow_empty=True, sha256=known
+        )
 
     async def put_bytes(self, key: str, data: bytes, *, allow_empty: bool = True) -> StoredBlob:
         async def once() -> AsyncIterator[bytes]:
