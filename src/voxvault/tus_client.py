@@ -184,6 +184,8 @@ class ResumableUpload:
         self.resumed_from: int | None = None
         """The offset the server held when this upload was resumed from the store."""
         self._reported = 0
+        self._next: tuple[int, bytes, str] | None = None
+        """The chunk after the one in flight, read and hashed meanwhile: (offset, bytes, sha1)."""
 
     @staticmethod
     def metadata_for(
@@ -290,11 +292,12 @@ class ResumableUpload:
         assert self.url is not None
         if self.offset >= self.size:
             return await self._head()
-        async with await anyio.open_file(self.path, "rb") as handle:
-            await handle.seek(self.offset)
-            chunk = await handle.read(min(self.chunk_bytes, self.size - self.offset))
         start = self.offset
-        digest = base64.b64encode(hashlib.sha1(chunk, usedforsecurity=False).digest()).decode()
+        ready, self._next = self._next, None
+        if ready is not None and ready[0] == start:
+            _, chunk, digest = ready
+        else:
+            chunk, digest = await anyio.to_thread.run_sync(self._read_chunk, start)
 
         async def body() -> AsyncIterator[bytes]:
             for begin in range(0, len(chunk), SEND_SLICE_BYTES):
@@ -302,21 +305,30 @@ class ResumableUpload:
                 yield piece
                 self._report(start + begin + len(piece))
 
-        try:
-            response = await self.http.patch(
-                self.url,
-                content=body(),
-                headers={
-                    "Tus-Resumable": TUS_VERSION,
-                    "Content-Type": CHUNK_CONTENT_TYPE,
-                    "Content-Length": str(len(chunk)),
-                    "Upload-Offset": str(start),
-                    "Upload-Checksum": f"sha1 {digest}",
-                },
-                timeout=httpx.Timeout(self.http.timeout.connect, read=None),
-            )
-        except httpx.TransportError as exc:
-            raise _Retry(exc) from None
+        failure: Exception | None = None
+        async with anyio.create_task_group() as group:
+            if start + len(chunk) < self.size:
+                # The next chunk is read and hashed while this one travels and is stored.
+                group.start_soon(self._prefetch, start + len(chunk))
+            try:
+                response = await self.http.patch(
+                    self.url,
+                    content=body(),
+                    headers={
+                        "Tus-Resumable": TUS_VERSION,
+                        "Content-Type": CHUNK_CONTENT_TYPE,
+                        "Content-Length": str(len(chunk)),
+                        "Upload-Offset": str(start),
+                        "Upload-Checksum": f"sha1 {digest}",
+                    },
+                    timeout=httpx.Timeout(self.http.timeout.connect, read=None),
+                )
+            except Exception as exc:  # raised below, outside the task group's wrapping
+                failure = exc
+        if isinstance(failure, httpx.TransportError):
+            raise _Retry(failure) from None
+        if failure is not None:
+            raise failure
         if response.status_code in (409, 460) or response.status_code >= 500:
             # 460: the chunk arrived damaged and nothing was kept; 409: the offset moved (a
             # lost answer to an earlier attempt); 5xx: a store is away. HEAD, then go on.
@@ -332,6 +344,21 @@ class ResumableUpload:
             completed: str | None = response.headers.get(RECORDING_ID_HEADER)
             return completed if completed is not None else await self._head()
         return None
+
+    def _read_chunk(self, offset: int) -> tuple[bytes, str]:
+        """The chunk at ``offset`` and its sha1 (base64); blocking, so run in a thread."""
+        with self.path.open("rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read(min(self.chunk_bytes, self.size - offset))
+        sha1 = hashlib.sha1(chunk, usedforsecurity=False).digest()
+        return chunk, base64.b64encode(sha1).decode()
+
+    async def _prefetch(self, offset: int) -> None:
+        try:
+            chunk, digest = await anyio.to_thread.run_sync(self._read_chunk, offset)
+        except OSError:
+            return  # read again when its turn comes, and reported then
+        self._next = (offset, chunk, digest)
 
     def _report(self, position: int) -> None:
         if position > self._reported:
