@@ -155,8 +155,8 @@ class BackendResult:
         notes = [
             f"{self.backend}: in the best tus round the chunks before the final one arrived at "
             f"{fmt(chunks_mb_s)} MB/s, and the final one took {best.final_seconds:.1f} s of "
-            f"{best.seconds:.1f} s: the completion, where the server reads the chunks back into "
-            "the recording.",
+            f"{best.seconds:.1f} s: the completion, where the server joins the chunks into the "
+            "recording and probes it.",
             f"{self.backend}: the {self.big_bytes // MiB:,} MiB tus upload took "
             f"{self.big.seconds:.1f} s ({fmt(mb_per_s(self.big_bytes, self.big.seconds))} MB/s); "
             f"server peak RSS of the plain {self.file_bytes // MiB:,} MiB uploads "
@@ -215,10 +215,13 @@ class TusUploadResult:
             rows=rows,
             notes=[
                 "A tus upload moves every byte twice on the server: into a part blob per "
-                "chunk, then from the parts into the recording at completion (hashed and "
-                "probed there, as a plain upload is). The client is Python (httpx, sha1 per "
-                "chunk) and the baseline's is curl; all of them, and moto, share the machine's "
-                "CPUs with other work.",
+                "chunk, then from the parts into the recording at completion (on local disk "
+                "inside the kernel; on S3 through the server, as obstore has no server-side "
+                "copy of parts), which is then probed as a plain upload is; the recording's "
+                "sha256 is taken as the chunks arrive. Each chunk's sha1 is computed by the "
+                "client and verified by the server besides. The client is Python (httpx) and "
+                "the baseline's is curl; all of them, and moto, share the machine's CPUs with "
+                "other work.",
                 *notes,
             ],
         )
