@@ -36,7 +36,7 @@ test-system-deps:
 	scripts/ensure-system-packages.sh espeak-ng sox
 
 pytest: dev test-system-deps
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile
 
 test: lint typecheck pytest
 

@@ -140,6 +140,17 @@ class _NoEvents(Subscription):
         return 0
 
 
+def _snapshot_progress(status: RecordingStatus, latest: Job | None) -> float:
+    """1 once ready and 0 once failed, as the worker's own last event says; otherwise the job's
+    own figure even once it finished: a snapshot read between the job's end and the recording's
+    status change must not show progress going back."""
+    if status is RecordingStatus.READY:
+        return 1.0
+    if status is RecordingStatus.FAILED or latest is None:
+        return 0.0
+    return latest.progress
+
+
 def _changed(before: ProgressEvent, after: ProgressEvent) -> bool:
     return (after.status, after.stage, after.job_id, after.error) != (
         before.status,
@@ -826,11 +837,7 @@ class Vault:
             type="snapshot",
             status=recording.status.value,
             stage=latest.stage if latest and running else None,
-            # The job's own figure even once it finished: a snapshot read between the job's
-            # end and the recording's status change must not show progress going back.
-            progress=1.0
-            if recording.status is RecordingStatus.READY
-            else (latest.progress if latest else 0.0),
+            progress=_snapshot_progress(recording.status, latest),
             job_id=latest.id if latest else None,
             error=recording.error,
         )
