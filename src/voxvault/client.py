@@ -15,40 +15,15 @@ import anyio
 import httpx
 from httpx_sse import aconnect_sse
 
-from voxvault.errors import (
-    BackendUnavailable,
-    Conflict,
-    InvalidRequest,
-    NotFound,
-    PayloadTooLarge,
-    UnsupportedMedia,
-    ValidationFailed,
-    VoxVaultError,
-)
 from voxvault.events import ProgressEvent
-from voxvault.tus_client import DEFAULT_CHUNK_BYTES, ResumableUpload, UploadUrlStore
+from voxvault.tus_client import DEFAULT_CHUNK_BYTES, ResumableUpload, UploadUrlStore, error_of
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
-_ERRORS: dict[int, type[VoxVaultError]] = {
-    400: InvalidRequest,
-    404: NotFound,
-    409: Conflict,
-    413: PayloadTooLarge,
-    415: UnsupportedMedia,
-    422: ValidationFailed,
-    503: BackendUnavailable,
-}
 
 
 def _raise_for_error(response: httpx.Response) -> None:
-    if response.is_success:
-        return
-    try:
-        error = response.json()["error"]
-        message, detail = str(error["message"]), error.get("detail")
-    except (ValueError, KeyError, TypeError):
-        message, detail = response.text[:300] or response.reason_phrase, None
-    raise _ERRORS.get(response.status_code, VoxVaultError)(message, detail=detail)
+    if not response.is_success:
+        raise error_of(response)
 
 
 class VaultClient:

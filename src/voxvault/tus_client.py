@@ -46,7 +46,7 @@ from voxvault.errors import (
     VoxVaultError,
 )
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "ResumableUpload", "UploadUrlStore"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "ResumableUpload", "UploadUrlStore", "error_of"]
 
 DEFAULT_CHUNK_BYTES: Final = 8 * 1024 * 1024
 UPLOADS_PATH: Final = "/files/v1/uploads"
