@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from voxvault import Settings, Vault
@@ -70,6 +71,13 @@ def free_port() -> int:
         return port
 
 
+PORT_ATTEMPTS = 5
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind its port: something else took it after it was picked."""
+
+
 class LiveServer:
     """``voxvault serve`` in a child process, as a user would run it."""
 
@@ -77,39 +85,67 @@ class LiveServer:
         self, data_dir: Path, env: dict[str, str] | None = None, args: Sequence[str] = ()
     ) -> None:
         self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data_dir.parent / f"server-{self.port}.log"
+        self.env = {**os.environ, **(env or {})}
+        self.args = list(args)
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(PORT_ATTEMPTS):
+            self._start(free_port())
+            try:
+                self._wait_until_healthy()
+                return
+            except PortTaken:  # tests run in parallel: another server took the port first
+                continue
+        raise RuntimeError(f"no free port after {PORT_ATTEMPTS} attempts")
+
+    def _start(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = self.data_dir.parent / f"server-{port}.log"
         command = [
             str(VOXVAULT_BIN),
             "--data-dir",
-            str(data_dir),
+            str(self.data_dir),
             "serve",
             "--port",
-            str(self.port),
+            str(port),
             "--log-level",
             "warning",
-            *args,
+            *self.args,
         ]
-        data_dir.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.env
             )
-        self._wait_until_healthy()
 
     def _wait_until_healthy(self) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()}")
+                output = self.log.read_text()
+                if "address already in use" in output.lower():
+                    raise PortTaken(output)
+                raise RuntimeError(f"server exited: {output}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
+                healthy = httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
             except httpx.TransportError:
-                pass
+                healthy = False
+            # The port was free when picked, but another test's server (tests run in parallel)
+            # may have taken it since: only a server that is this process counts.
+            if healthy and self._listens():
+                return
             time.sleep(0.1)
         raise RuntimeError(f"server did not start: {self.log.read_text()}")
+
+    def _listens(self) -> bool:
+        """Whether this server's own process listens on its port."""
+        try:
+            sockets = psutil.Process(self.process.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return False
+        return any(
+            sock.status == psutil.CONN_LISTEN and sock.laddr and sock.laddr.port == self.port
+            for sock in sockets
+        )
 
     def stop(self) -> None:
         self.process.terminate()
