@@ -281,6 +281,37 @@ def run_tool(argv: Sequence[str], *, timeout: float) -> str:
     return done.stdout
 
 
+def curl_post(
+    source: Path, url: str, response: Path, *, timeout_s: float, content_type: str = "audio/wav"
+) -> tuple[str, int]:
+    """POST ``source`` streamed from disk with curl, the answer's body to ``response``;
+    (HTTP status, bytes curl sent)."""
+    out = run_tool(
+        [
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            str(int(timeout_s)),
+            "-X",
+            "POST",
+            "-T",
+            str(source),
+            "-H",
+            f"Content-Type: {content_type}",
+            "-o",
+            str(response),
+            "-w",
+            "%{http_code} %{size_upload}",
+            url,
+        ],
+        timeout=timeout_s + 30,
+    )
+    status, uploaded = out.split()
+    return status, int(uploaded)
+
+
 def proc_status_bytes(pid: int, field: str) -> int:
     """A memory field of ``/proc/<pid>/status`` (VmRSS, VmHWM, ...) in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

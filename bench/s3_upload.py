@@ -44,6 +44,7 @@ from bench.common import (
     BenchError,
     GiB,
     MiB,
+    curl_post,
     fmt,
     log,
     mb_per_s,
@@ -51,7 +52,6 @@ from bench.common import (
     process_cpu_s,
     raise_on_sigterm,
     require_tools,
-    run_tool,
     scratch_dir,
     voxvault_server,
     write_wav,
@@ -360,34 +360,6 @@ def _time_direct(
     return elapsed, cpu
 
 
-def _curl_upload(source: Path, url: str, response: Path) -> tuple[str, int]:
-    """POST ``source`` streamed from disk; (HTTP status, bytes curl sent)."""
-    out = run_tool(
-        [
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            str(int(TOOL_TIMEOUT_S)),
-            "-X",
-            "POST",
-            "-T",
-            str(source),
-            "-H",
-            "Content-Type: audio/wav",
-            "-o",
-            str(response),
-            "-w",
-            "%{http_code} %{size_upload}",
-            url,
-        ],
-        timeout=TOOL_TIMEOUT_S + 30,
-    )
-    status, uploaded = out.split()
-    return status, int(uploaded)
-
-
 def _time_api(
     source: Path, sha256: str, endpoint: S3Endpoint, store: S3Store, workdir: Path, name: str
 ) -> tuple[float, Memory, Cpu]:
@@ -408,10 +380,11 @@ def _time_api(
             with _sampled_peak(server.pid) as peak:
                 moto_before, server_before = process_cpu_s(endpoint.pid), process_cpu_s(server.pid)
                 started = time.perf_counter()
-                status, uploaded = _curl_upload(
+                status, uploaded = curl_post(
                     source,
                     f"{server.base_url}/v1/recordings?filename={source.name}&transcribe=false",
                     response,
+                    timeout_s=TOOL_TIMEOUT_S,
                 )
                 elapsed = time.perf_counter() - started
                 cpu = Cpu(

@@ -40,13 +40,13 @@ from bench.common import (
     GiB,
     MiB,
     clean_env,
+    curl_post,
     fmt,
     log,
     mb_per_s,
     proc_status_bytes,
     raise_on_sigterm,
     require_tools,
-    run_tool,
     scratch_dir,
     voxvault_server,
     write_wav,
@@ -231,32 +231,16 @@ class TusUploadResult:
 
 
 def _plain_upload(base_url: str, source: Path, response: Path) -> str:
-    out = run_tool(
-        [
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            str(int(TOOL_TIMEOUT_S)),
-            "-X",
-            "POST",
-            "-T",
-            str(source),
-            "-H",
-            "Content-Type: audio/wav",
-            "-o",
-            str(response),
-            "-w",
-            "%{http_code}",
-            f"{base_url}/v1/recordings?filename={source.name}&transcribe=false",
-        ],
-        timeout=TOOL_TIMEOUT_S + 30,
+    status, _ = curl_post(
+        source,
+        f"{base_url}/v1/recordings?filename={source.name}&transcribe=false",
+        response,
+        timeout_s=TOOL_TIMEOUT_S,
     )
     body = response.read_text(errors="replace")
     response.unlink(missing_ok=True)
-    if out.strip() != "201":
-        raise BenchError(f"the plain upload answered {out.strip()}: {body[:500]}")
+    if status != "201":
+        raise BenchError(f"the plain upload answered {status}: {body[:500]}")
     recording: dict[str, object] = json.loads(body)
     return str(recording["sha256"])
 

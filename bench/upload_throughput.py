@@ -33,6 +33,7 @@ from bench.common import (
     BenchError,
     MiB,
     Server,
+    curl_post,
     fmt,
     free_port,
     log,
@@ -251,34 +252,6 @@ def _time_dd(source: Path, target: Path) -> float:
     return elapsed
 
 
-def _curl_post(source: Path, url: str, response: Path, content_type: str) -> tuple[str, int]:
-    """POST ``source`` streamed from disk; (HTTP status, bytes curl sent)."""
-    out = run_tool(
-        [
-            "curl",
-            "-sS",
-            "--noproxy",
-            "*",
-            "--max-time",
-            str(int(TOOL_TIMEOUT_S)),
-            "-X",
-            "POST",
-            "-T",
-            str(source),
-            "-H",
-            f"Content-Type: {content_type}",
-            "-o",
-            str(response),
-            "-w",
-            "%{http_code} %{size_upload}",
-            url,
-        ],
-        timeout=TOOL_TIMEOUT_S + 30,
-    )
-    status, uploaded = out.split()
-    return status, int(uploaded)
-
-
 def _time_upload(source: Path, sha256: str, workdir: Path, number: int) -> tuple[float, int, int]:
     """Upload ``source`` to a fresh server: (seconds, server RSS before, server peak RSS)."""
     data_dir = workdir / f"data-{number}"
@@ -289,11 +262,11 @@ def _time_upload(source: Path, sha256: str, workdir: Path, number: int) -> tuple
             rss_before = proc_status_bytes(server.pid, "VmRSS")
             os.sync()
             started = time.perf_counter()
-            status, uploaded = _curl_post(
+            status, uploaded = curl_post(
                 source,
                 f"{server.base_url}/v1/recordings?filename=big.wav&transcribe=false",
                 response,
-                "audio/wav",
+                timeout_s=TOOL_TIMEOUT_S,
             )
             elapsed = time.perf_counter() - started
             rss_peak = proc_status_bytes(server.pid, "VmHWM")
@@ -328,8 +301,12 @@ def _time_ceiling(server: Server, route: str, source: Path, sha256: str, workdir
     response = workdir / "ceiling-response.json"
     os.sync()
     started = time.perf_counter()
-    status, uploaded = _curl_post(
-        source, f"{server.base_url}{route}", response, "application/octet-stream"
+    status, uploaded = curl_post(
+        source,
+        f"{server.base_url}{route}",
+        response,
+        timeout_s=TOOL_TIMEOUT_S,
+        content_type="application/octet-stream",
     )
     elapsed = time.perf_counter() - started
     body = response.read_text(errors="replace")
