@@ -43,7 +43,7 @@ from voxvault.transcription.whisper import load_model
 
 SPEECH_SECONDS = 180.0
 WARMUP_SECONDS = 15.0
-ROUNDS = 2
+ROUNDS = 4
 OVERHEAD_GOAL = 0.10
 SPREAD_WARNING = 1.15
 # Timings the pipeline stores with its transcript, in step order (``load_s`` and
@@ -338,7 +338,7 @@ def _decode_parts(source: Path, workdir: Path) -> DecodeParts:
     """Time the normalize step's two jobs apart, with the decoder's rates and bit rate."""
     import av
 
-    from voxvault.media.decoder import OPUS_BIT_RATE, PLAYBACK_RATE, SPEECH_RATE
+    from voxvault.media.decoder import OPUS_BIT_RATE, OPUS_OPTIONS, PLAYBACK_RATE, SPEECH_RATE
 
     started = time.perf_counter()
     to_speech = av.AudioResampler("s16", "mono", SPEECH_RATE)
@@ -357,7 +357,7 @@ def _decode_parts(source: Path, workdir: Path) -> DecodeParts:
     frames += to_playback.resample(None)
     started = time.perf_counter()
     with av.open(str(workdir / "playback.opus"), "w", "ogg") as ogg:
-        opus: Any = ogg.add_stream("libopus", rate=PLAYBACK_RATE)
+        opus: Any = ogg.add_stream("libopus", rate=PLAYBACK_RATE, options=OPUS_OPTIONS)
         opus.layout = "mono"
         opus.format = "flt"
         opus.bit_rate = OPUS_BIT_RATE[1]

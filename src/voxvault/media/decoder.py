@@ -47,6 +47,10 @@ FILENAMES = {SPEECH: SPEECH_FILENAME, PLAYBACK: PLAYBACK_FILENAME}
 SPEECH_RATE = 16000
 PLAYBACK_RATE = 48000
 OPUS_BIT_RATE = {1: 32000, 2: 48000}
+# libopus at complexity 5 with constrained VBR: a quarter of the CPU of its default (10) on
+# speech at these rates, at the same size; the encode runs beside the speech engine, whose
+# time it would otherwise take (docs/benchmarks.md, pipeline real-time factor).
+OPUS_OPTIONS = {"compression_level": "5", "vbr": "constrained"}
 PROGRESS_INTERVAL_S = 0.1
 # Bad packets are skipped while they stay rare; a stream that is mostly damage is refused
 # instead of being decoded into a few scraps of sound.
@@ -321,7 +325,7 @@ class _Sink:
         return self.av.AudioResampler(context.format, context.layout, PLAYBACK_RATE)
 
     def _open_opus(self, *, stereo: bool) -> None:
-        self.opus = self.ogg.add_stream("libopus", rate=PLAYBACK_RATE)
+        self.opus = self.ogg.add_stream("libopus", rate=PLAYBACK_RATE, options=OPUS_OPTIONS)
         self.opus.layout = "stereo" if stereo else "mono"
         self.opus.format = "flt"
         self.opus.bit_rate = OPUS_BIT_RATE[2 if stereo else 1]

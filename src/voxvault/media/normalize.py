@@ -257,7 +257,9 @@ def _supervise(
                 )
             wait = min(POLL_INTERVAL_S, remaining)
             if not open_stream:
-                time.sleep(wait)  # stdout closed; only the exit is still to come
+                # stdout closed; only the exit is still to come, and waiting returns at once
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(wait)
                 continue
             if not selector.select(wait):
                 continue
