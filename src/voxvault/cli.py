@@ -7,9 +7,12 @@ both at once), so the CLI works whether or not a server is running.
 from __future__ import annotations
 
 import contextlib
+import html
 import json
+import re
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple, TypeVar
@@ -46,6 +49,8 @@ DataDir = Annotated[
     typer.Option("--data-dir", envvar="VOXVAULT_DATA_DIR", help="Data directory."),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
+"""Where playback links printed by the CLI point unless VOXVAULT_PUBLIC_URL says otherwise."""
 
 
 @app.callback()
@@ -454,6 +459,66 @@ def remove(ctx: typer.Context, recording_ids: list[str]) -> None:
             console.print(f"deleted {recording_id}")
 
     _run(ctx, action)
+
+
+def _timecode(seconds: float) -> str:
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help='Words, "phrases", a OR b, -excluded, prefix*.')],
+    tag: Annotated[str | None, typer.Option(help="Only recordings with this tag.")] = None,
+    speaker: Annotated[str | None, typer.Option(help="Only segments of this speaker.")] = None,
+    language: Annotated[str | None, typer.Option(help="Only transcripts in this language.")] = None,
+    recording: Annotated[str | None, typer.Option(help="Only this recording (its id).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100, help="At most this many hits.")] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """Find where something was said: recording, speaker and time code of each hit, best first."""
+
+    async def action(vault: Vault) -> dict[str, Any]:
+        asked = {
+            "q": query,
+            "tag": tag,
+            "speaker": speaker,
+            "language": language,
+            "recording_id": recording,
+            "limit": limit,
+        }
+        base_url = vault.settings.public_url or DEFAULT_PUBLIC_URL
+        found = await vault.search(
+            {k: v for k, v in asked.items() if v is not None}, base_url=base_url
+        )
+        return found.model_dump(mode="json")
+
+    page = _run(ctx, action)
+    if as_json:
+        _print_json(page)
+        return
+    for hit in page["items"]:
+        title = hit["recording_title"] or hit["recording_id"]
+        who = f"{hit['speaker']}: " if hit["speaker"] else ""
+        line = Text(f"{_timecode(hit['start']):>8}  ")
+        line.append(title, style="bold")
+        line.append(f"  {hit['recording_id']}\n          {who}")
+        # The snippet's <mark> (around escaped text) becomes bold; nothing in it is markup.
+        for n, part in enumerate(html.unescape(p) for p in re.split(r"</?mark>", hit["snippet"])):
+            line.append(part, style="bold yellow" if n % 2 else "")
+        console.print(line, soft_wrap=True)
+    more = " (more: narrow the query)" if page["next_cursor"] or page["truncated"] else ""
+    console.print(f"{len(page['items'])} hit(s){more}")
+
+
+@app.command()
+def reindex(ctx: typer.Context) -> None:
+    """Rebuild the search index from the stored transcripts (every workspace)."""
+    started = time.monotonic()
+    count = _run(ctx, lambda vault: vault.reindex())
+    console.print(f"indexed {count} recording(s) in {time.monotonic() - started:.1f} s")
 
 
 @app.command("storage-info")

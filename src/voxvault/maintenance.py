@@ -425,7 +425,11 @@ def product_sweeps(vault: Vault) -> list[Sweep]:
         if report.removed or report.interrupted_deletes or report.expired_uploads:
             log.info("gc: %s", report.as_json())
 
-    return [_logged("repair_statuses", vault.repair_statuses), _logged("gc", gc)]
+    return [
+        _logged("repair_statuses", vault.repair_statuses),
+        _logged("catch_up_index", vault.catch_up_index),
+        _logged("gc", gc),
+    ]
 
 
 async def run_sweeps_periodically(sweeps: Sequence[Sweep], interval_s: float) -> None:

@@ -9,11 +9,12 @@ import json
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from voxvault.errors import ValidationFailed
+from voxvault.names import RECORDING_ID
 
 MAX_SEGMENT_TEXT = 10_000
 MAX_SEGMENTS = 100_000
@@ -249,3 +250,58 @@ class StorageInfo(BaseModel):
     database: dict[str, Any]
     blobs: dict[str, Any]
     usage: StorageUsage
+
+
+# ---- search ---------------------------------------------------------------------------------
+
+
+class SearchRequest(BaseModel):
+    """A search of the library: the query language is ``voxvault.search.query``'s."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q: str
+    tag: Tag | None = None
+    speaker: Annotated[str | None, Field(min_length=1, max_length=100)] = None
+    language: Annotated[str | None, Field(pattern=LANGUAGE_PATTERN.pattern)] = None
+    recording_id: Annotated[str | None, Field(pattern=RECORDING_ID.pattern)] = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    cursor: Annotated[str | None, Field(max_length=512)] = None
+    group: Literal["recording"] | None = None
+    """``recording``: one item per recording, ranked by its best hit, with its best hits."""
+    per_group: Annotated[int, Field(ge=1, le=20)] = 3
+    """Hits per recording when grouped."""
+
+
+class SearchHit(BaseModel):
+    recording_id: str
+    recording_title: str | None
+    start: float
+    end: float
+    speaker: str | None
+    text: str
+    snippet: str
+    """The text around the match, HTML-escaped, each matched word inside ``<mark>…</mark>``."""
+    playback_url: str
+    """A signed URL that plays the recording from the hit (``#t=start,end``)."""
+
+
+class SearchPage(BaseModel):
+    items: list[SearchHit]
+    next_cursor: str | None
+    truncated: bool
+    """More segments matched than were ranked (the newest ``window`` are): narrow the query."""
+
+
+class SearchGroup(BaseModel):
+    recording_id: str
+    recording_title: str | None
+    hits: list[SearchHit]
+
+
+class SearchGroupPage(BaseModel):
+    items: list[SearchGroup]
+    next_cursor: str | None
+    truncated: bool

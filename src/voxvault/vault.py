@@ -51,6 +51,9 @@ from voxvault.models import (
     RecordingPatch,
     RecordingQuery,
     RecordingStatus,
+    SearchGroupPage,
+    SearchPage,
+    SearchRequest,
     StorageInfo,
     TranscribeRequest,
     Transcript,
@@ -503,22 +506,31 @@ class Vault:
         if not 0 < ttl <= MAX_PLAYBACK_URL_TTL:
             raise ValidationFailed(f"ttl must be between 1 and {MAX_PLAYBACK_URL_TTL} seconds")
         recording = await self.get_recording(recording_id)
+        has_rendition = await self.metadata.get_playback(self.workspace, recording.id)
+        return await self.sign_playback(
+            recording.id, has_rendition=has_rendition is not None, base_url=base_url, ttl=ttl
+        )
+
+    async def sign_playback(
+        self, recording_id: str, *, has_rendition: bool, base_url: str, ttl: int | None = None
+    ) -> PlaybackLink:
+        """``playback_link`` for a recording the caller has just read (no lookup of its own)."""
+        ttl = ttl or self.settings.playback_url_ttl
         expires = int(time.time()) + ttl
         expires_at = datetime.fromtimestamp(expires, tz=UTC)
         # An object store serves the bytes itself: the Opus rendition when there is one.
-        has_rendition = await self.metadata.get_playback(self.workspace, recording.id)
         key = (blob_keys.recording_playback if has_rendition else blob_keys.recording_original)(
-            recording.id
+            recording_id
         )
         presigned = await self.blobs.presigned_url(
             key, ttl, public_endpoint=self.settings.blob_public_url
         )
         if presigned is not None:
             return PlaybackLink(url=presigned, expires_at=expires_at)
-        signature = self.signer.sign(self.workspace, recording.id, expires)
+        signature = self.signer.sign(self.workspace, recording_id, expires)
         base = (self.settings.public_url or base_url).rstrip("/")
         url = (
-            f"{base}/v1/playback/{recording.id}"
+            f"{base}/v1/playback/{recording_id}"
             f"?ws={self.workspace}&expires={expires}&signature={signature}"
         )
         return PlaybackLink(url=url, expires_at=expires_at)
@@ -824,9 +836,11 @@ class Vault:
         return repaired
 
     async def recover(self) -> None:
-        """Finish what a crash interrupted: deletions first, then recording statuses."""
+        """Finish what a crash interrupted: deletions first, then recording statuses, then the
+        search index of transcripts stored before it existed."""
         await self.finish_interrupted_deletes()
         await self.repair_statuses()
+        await self.catch_up_index()
 
     async def snapshot(self, recording_id: str) -> ProgressEvent:
         """The recording's progress as it stands, from the stores (any process's work)."""
@@ -905,6 +919,42 @@ class Vault:
                 if _changed(current, fresh):
                     current = fresh
                     yield None, fresh
+
+    # ---- search -------------------------------------------------------------------------------
+
+    async def search(
+        self, request: SearchRequest | Mapping[str, Any], *, base_url: str
+    ) -> SearchPage | SearchGroupPage:
+        """Hits in the current transcripts of this workspace (``voxvault.search``)."""
+        from voxvault.search.library import search_library
+
+        if not isinstance(request, SearchRequest):
+            try:
+                request = SearchRequest.model_validate(request)
+            except ValidationError as exc:
+                raise validation_failed(exc) from None
+        return await search_library(self, request, base_url=base_url)
+
+    async def reindex(self, *, batch: int = 500) -> int:
+        """Index every recording's newest transcript anew (any workspace); how many."""
+        done = 0
+        after: str | None = None
+        while ids := await self.metadata.transcribed_recordings(after, batch):
+            for recording_id in ids:
+                done += await self.metadata.reindex_recording(recording_id)
+            after = ids[-1]
+        return done
+
+    async def catch_up_index(self, *, batch: int = 500) -> int:
+        """Index the recordings whose newest transcript is not yet (the index started empty,
+        or was restored from an older backup); how many."""
+        done = 0
+        seen: set[str] = set()
+        while ids := [r for r in await self.metadata.unindexed_recordings(batch) if r not in seen]:
+            seen.update(ids)  # each once per call: one rewritten meanwhile waits for the next
+            for recording_id in ids:
+                done += await self.metadata.reindex_recording(recording_id)
+        return done
 
     # ---- resumable uploads --------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from voxvault.api.routers import (
     jobs,
     playback,
     recordings,
+    search,
     system,
     transcripts,
     tus,
@@ -63,6 +64,6 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit)
     app.add_middleware(tus.TusHeaders)
-    for router in (system, recordings, jobs, transcripts, artifacts, playback, tus):
+    for router in (system, recordings, jobs, transcripts, artifacts, playback, search, tus):
         app.include_router(router.router)
     return app

@@ -20,6 +20,8 @@ from voxvault.models import (
     TranscriptInput,
     TranscriptVersion,
 )
+from voxvault.search.base import IndexPage, SearchFilters
+from voxvault.search.query import SearchQuery
 
 DEFAULT_WORKSPACE = "default"
 
@@ -144,6 +146,34 @@ class MetadataStore(ABC):
     async def list_transcript_versions(
         self, workspace: str, recording_id: str
     ) -> list[TranscriptVersion]: ...
+
+    # ---- search (voxvault.search) -------------------------------------------------------------
+
+    @abstractmethod
+    async def search(
+        self,
+        workspace: str,
+        query: SearchQuery,
+        filters: SearchFilters,
+        *,
+        offset: int,
+        limit: int,
+        per_group: int | None = None,
+    ) -> IndexPage:
+        """Hits in the current transcripts of the workspace's recordings (``SearchIndex``)."""
+
+    @abstractmethod
+    async def reindex_recording(self, recording_id: str) -> bool:
+        """Index the recording's newest transcript (or nothing, when it has none) in place of
+        what is indexed for it; False when there is no such recording."""
+
+    @abstractmethod
+    async def unindexed_recordings(self, limit: int) -> list[str]:
+        """Recordings whose newest transcript is not the version indexed (any workspace)."""
+
+    @abstractmethod
+    async def transcribed_recordings(self, after: str | None, limit: int) -> list[str]:
+        """Ids of recordings with a transcript (any workspace), in id order after ``after``."""
 
     # ---- artifacts ----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +39,14 @@ from voxvault.errors import (
     NotFound,
 )
 from voxvault.metadata.base import MetadataStore, RecordingBlobs
-from voxvault.metadata.tables import artifacts, jobs, recording_tags, recordings, transcripts
+from voxvault.metadata.tables import (
+    artifacts,
+    jobs,
+    recording_tags,
+    recordings,
+    search_documents,
+    transcripts,
+)
 from voxvault.models import (
     Artifact,
     Recording,
@@ -51,6 +59,9 @@ from voxvault.models import (
     TranscriptInput,
     TranscriptVersion,
 )
+from voxvault.search.base import IndexPage, SearchFilters
+from voxvault.search.query import SearchQuery
+from voxvault.search.sql import SqlSearchIndex
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -176,6 +187,16 @@ def _artifact(row: sa.Row[Any]) -> Artifact:
 CONNECT_TIMEOUT_S = 5
 
 
+def _search_index(dialect: str) -> SqlSearchIndex:
+    if dialect == "sqlite":
+        from voxvault.search.sqlite import SqliteSearchIndex
+
+        return SqliteSearchIndex()
+    from voxvault.search.postgres import PostgresSearchIndex
+
+    return PostgresSearchIndex()
+
+
 class SqlMetadataStore(MetadataStore):
     def __init__(self, url: str) -> None:
         self.url = url
@@ -197,6 +218,7 @@ class SqlMetadataStore(MetadataStore):
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.search_index = _search_index(self.dialect)
 
     @classmethod
     def from_url(cls, url: str) -> SqlMetadataStore:
@@ -416,6 +438,7 @@ class SqlMetadataStore(MetadataStore):
             if exists is None:
                 return False
             # Children are removed explicitly too, so that no engine setting can leave any behind.
+            await self.search_index.remove(conn, recording_id)
             for child in (jobs, transcripts, artifacts, recording_tags):
                 await conn.execute(child.delete().where(child.c.recording_id == recording_id))
             await conn.execute(recordings.delete().where(owned))
@@ -486,6 +509,9 @@ class SqlMetadataStore(MetadataStore):
                         .returning(transcripts.c.version)
                     )
                     version = result.scalar_one()
+                    await self.search_index.replace(
+                        conn, recording_id, version, transcript.language, transcript.segments
+                    )
             except IntegrityError:
                 await anyio.sleep(0.01 * (attempt + 1))  # lost a race for the number: retry
                 continue
@@ -545,6 +571,84 @@ class SqlMetadataStore(MetadataStore):
             await self._fetch_recording(conn, workspace, recording_id)
             rows = (await conn.execute(stmt)).all()
         return [TranscriptVersion.model_validate(dict(row._mapping)) for row in rows]
+
+    # ---- search -------------------------------------------------------------------------------
+
+    async def search(
+        self,
+        workspace: str,
+        query: SearchQuery,
+        filters: SearchFilters,
+        *,
+        offset: int,
+        limit: int,
+        per_group: int | None = None,
+    ) -> IndexPage:
+        if filters.created_after is not None or filters.created_before is not None:
+            filters = dataclasses.replace(
+                filters,
+                created_after=filters.created_after and _utc(filters.created_after),
+                created_before=filters.created_before and _utc(filters.created_before),
+            )
+        async with self.engine.connect() as conn:
+            return await self.search_index.search(
+                conn, workspace, query, filters, offset=offset, limit=limit, per_group=per_group
+            )
+
+    async def reindex_recording(self, recording_id: str) -> bool:
+        async with self.engine.begin() as conn:
+            query = sa.select(recordings.c.id).where(recordings.c.id == recording_id)
+            if self.dialect != "sqlite":
+                query = query.with_for_update()  # the writers of transcripts take it too
+            if (await conn.execute(query)).first() is None:
+                return False
+            row = (
+                await conn.execute(
+                    sa.select(transcripts)
+                    .where(transcripts.c.recording_id == recording_id)
+                    .order_by(transcripts.c.version.desc())
+                    .limit(1)
+                )
+            ).first()
+            if row is None:
+                await self.search_index.remove(conn, recording_id)
+            else:
+                current = _transcript(row)
+                await self.search_index.replace(
+                    conn, recording_id, current.version, current.language, current.segments
+                )
+        return True
+
+    async def unindexed_recordings(self, limit: int) -> list[str]:
+        newest = (
+            sa.select(
+                transcripts.c.recording_id, sa.func.max(transcripts.c.version).label("version")
+            )
+            .group_by(transcripts.c.recording_id)
+            .subquery()
+        )
+        stmt = (
+            sa.select(newest.c.recording_id)
+            .outerjoin(search_documents, search_documents.c.recording_id == newest.c.recording_id)
+            .where(
+                sa.or_(
+                    search_documents.c.version.is_(None),
+                    search_documents.c.version != newest.c.version,
+                )
+            )
+            .order_by(newest.c.recording_id)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(stmt)).scalars())
+
+    async def transcribed_recordings(self, after: str | None, limit: int) -> list[str]:
+        stmt = sa.select(transcripts.c.recording_id).distinct()
+        if after is not None:
+            stmt = stmt.where(transcripts.c.recording_id > after)
+        stmt = stmt.order_by(transcripts.c.recording_id).limit(limit)
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(stmt)).scalars())
 
     # ---- artifacts ----------------------------------------------------------------------------
 

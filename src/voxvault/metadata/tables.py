@@ -18,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     TypeDecorator,
     UniqueConstraint,
     text,
@@ -187,4 +188,44 @@ uploads = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),
     Index("ix_uploads_expires_at", "expires_at"),
+)
+
+# The search index (voxvault.search): each recording's current transcript version, one row per
+# segment. On SQLite an FTS5 table indexes ``text`` by rowid; on PostgreSQL the rows also carry
+# the ``config`` they are parsed with and a generated ``tsv`` column (migration 0005).
+search_documents = Table(
+    "search_documents",
+    metadata,
+    Column(
+        "recording_id",
+        String(64),
+        ForeignKey("recordings.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("version", Integer, nullable=False),
+    Column("language", String(32)),
+    Column("config", String(64), nullable=False),
+    Column("segment_count", Integer, nullable=False),
+    Column("first_segment_id", BigInteger),
+    Column("last_segment_id", BigInteger),
+    Column("indexed_at", UTCDateTime(), nullable=False),
+)
+
+search_segments = Table(
+    "search_segments",
+    metadata,
+    # INTEGER on SQLite, so that it is the rowid the FTS table points at.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column(
+        "recording_id",
+        String(64),
+        ForeignKey("recordings.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("position", Integer, nullable=False),
+    Column("start", Float, nullable=False),
+    Column("end", Float, nullable=False),
+    Column("speaker", String(100)),
+    Column("text", Text, nullable=False),
+    Index("ix_search_segments_recording", "recording_id", "position"),
 )

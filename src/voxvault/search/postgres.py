@@ -1,0 +1,150 @@
+"""SearchIndex on PostgreSQL: a ``tsvector`` per segment with a GIN index.
+
+Each segment is parsed with its transcript's language configuration where PostgreSQL has one
+(``english``, ``german``, ...), ``simple`` otherwise: the ``tsv`` column is generated from the
+row's ``config`` and text (migration 0005). A query is parsed once per configuration in use and
+the results OR-ed, so a segment is matched by the query as its own language reads it.
+
+The candidate SELECT asks for the newest ``window`` matches by id; for a common word PostgreSQL
+walks the id index backwards and stops at the window, for a rare one it reads the GIN index:
+either way ``ts_rank`` runs on at most ``window`` rows.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from voxvault.search.base import (
+    DEFAULT_WINDOW,
+    HIGHLIGHT_END,
+    HIGHLIGHT_START,
+    SNIPPET_WORDS,
+    SearchFilters,
+)
+from voxvault.search.query import SearchQuery, to_tsquery_text
+from voxvault.search.sql import SqlSearchIndex, language_prefix
+
+SIMPLE = "simple"
+CONFIG_CACHE_S = 5.0
+# Whisper's language codes and the text search configurations PostgreSQL ships for them.
+LANGUAGE_CONFIGS = {
+    "ar": "arabic",
+    "ca": "catalan",
+    "da": "danish",
+    "de": "german",
+    "el": "greek",
+    "en": "english",
+    "es": "spanish",
+    "eu": "basque",
+    "fi": "finnish",
+    "fr": "french",
+    "ga": "irish",
+    "hi": "hindi",
+    "hu": "hungarian",
+    "hy": "armenian",
+    "id": "indonesian",
+    "it": "italian",
+    "lt": "lithuanian",
+    "nb": "norwegian",
+    "ne": "nepali",
+    "nl": "dutch",
+    "no": "norwegian",
+    "pt": "portuguese",
+    "ro": "romanian",
+    "ru": "russian",
+    "sr": "serbian",
+    "sv": "swedish",
+    "ta": "tamil",
+    "tr": "turkish",
+    "yi": "yiddish",
+}
+
+_CANDIDATES = """
+SELECT s.id, s.recording_id, s.start, s."end", s.speaker, s.text, s.config,
+    -ts_rank(s.tsv, {tsquery}) AS score, r.title, r.created_at,
+    r.playback_sha256 IS NOT NULL AS has_playback
+FROM search_segments s
+JOIN recordings r ON r.id = s.recording_id
+WHERE s.tsv @@ {tsquery} AND {where}
+ORDER BY s.id DESC
+LIMIT :window
+"""
+
+
+def _literal(config: str) -> str:
+    # Only names from LANGUAGE_CONFIGS (or the server's own list) get here, never user text;
+    # as literals they let the planner see the query and estimate how common its words are.
+    assert config.isidentifier(), config
+    return f"'{config}'::regconfig"
+
+
+class PostgresSearchIndex(SqlSearchIndex):
+    def __init__(self, *, window: int = DEFAULT_WINDOW) -> None:
+        super().__init__(window=window)
+        self._available: frozenset[str] | None = None
+        self._in_use: tuple[float, frozenset[str]] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": "postgresql-tsvector", "window": self.window}
+
+    def _config(self, language: str | None) -> str:
+        config = LANGUAGE_CONFIGS.get(language_prefix(language)) if language else None
+        if config is None or (self._available is not None and config not in self._available):
+            return SIMPLE
+        return config
+
+    def _segment_extras(self, language: str | None) -> dict[str, Any]:
+        return {"config": self._config(language)}
+
+    def _insert_segments(self) -> sa.Executable:
+        # ``config`` and the generated ``tsv`` exist on PostgreSQL only (migration 0005).
+        return sa.text(
+            'INSERT INTO search_segments (recording_id, position, start, "end", speaker, text,'
+            " config) VALUES (:recording_id, :position, :start, :end, :speaker, :text,"
+            " CAST(:config AS regconfig))"
+        )
+
+    async def replace(self, conn: AsyncConnection, *args: Any, **kwargs: Any) -> None:
+        await self._load_available(conn)
+        await super().replace(conn, *args, **kwargs)
+        self._in_use = None  # a new language may have come in
+
+    async def _load_available(self, conn: AsyncConnection) -> frozenset[str]:
+        if self._available is None:
+            names = (await conn.execute(sa.text("SELECT cfgname FROM pg_ts_config"))).scalars()
+            self._available = frozenset(names)
+        return self._available
+
+    async def _configs(self, conn: AsyncConnection, filters: SearchFilters) -> list[str]:
+        """The configurations the query must be parsed with: those the indexed rows use."""
+        if filters.language is not None:
+            await self._load_available(conn)
+            return sorted({self._config(filters.language), SIMPLE})
+        now = time.monotonic()
+        if self._in_use is None or now - self._in_use[0] > CONFIG_CACHE_S:
+            names = (
+                await conn.execute(sa.text("SELECT DISTINCT config FROM search_documents"))
+            ).scalars()
+            self._in_use = (now, frozenset(names) | {SIMPLE})
+        return sorted(self._in_use[1])
+
+    async def _candidates(
+        self, conn: AsyncConnection, query: SearchQuery, filters: SearchFilters, where: str
+    ) -> tuple[str, dict[str, Any]]:
+        configs = await self._configs(conn, filters)
+        tsquery = "(" + " || ".join(f"to_tsquery({_literal(c)}, :tq)" for c in configs) + ")"
+        return (
+            _CANDIDATES.format(tsquery=tsquery, where=where),
+            {"tq": to_tsquery_text(query)},
+        )
+
+    def _snippet(self) -> str:
+        options = (
+            f"StartSel={HIGHLIGHT_START}, StopSel={HIGHLIGHT_END}, "
+            f"MaxWords={SNIPPET_WORDS}, MinWords={SNIPPET_WORDS // 3}, HighlightAll=false"
+        )
+        return f"ts_headline(page.config, page.text, to_tsquery(page.config, :tq), '{options}')"

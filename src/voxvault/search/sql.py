@@ -1,0 +1,225 @@
+"""What both SQL adapters of the SearchIndex share: the tables they write, the filters, and the
+ranking, paging and grouping around each engine's own match.
+
+An adapter supplies ``_candidates``: a SELECT of the segments that match, pass the filters and
+belong to the workspace's live recordings, newest first and at most ``:window`` of them, with
+the columns ``id, recording_id, start, "end", speaker, text, score, title, created_at,
+has_playback`` (and any the snippet needs), where a lower score ranks higher. This module
+ranks and pages those in SQL and asks ``_snippet`` for the page's snippets only.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from voxvault.metadata.tables import UTCDateTime, search_documents, search_segments
+from voxvault.models import Segment
+from voxvault.search.base import (
+    IndexHit,
+    IndexPage,
+    SearchFilters,
+    SearchIndex,
+    clean_text,
+)
+from voxvault.search.query import SearchQuery
+
+_PAGE = """
+WITH candidates AS ({candidates}),
+ranked AS (SELECT c.*, count(*) OVER () AS total FROM candidates c),
+page AS (
+    SELECT * FROM ranked ORDER BY score, created_at DESC, recording_id, start, id
+    LIMIT :limit OFFSET :offset
+)
+SELECT page.*, 0 AS grp, 0 AS groups, {snippet} AS snippet FROM page
+ORDER BY score, created_at DESC, recording_id, start, id
+"""
+
+_GROUPED_PAGE = """
+WITH candidates AS ({candidates}),
+best AS (
+    SELECT c.*, count(*) OVER () AS total,
+        min(score) OVER (PARTITION BY recording_id) AS best_score,
+        row_number() OVER (PARTITION BY recording_id ORDER BY score, start, id) AS nth
+    FROM candidates c
+),
+grouped AS (
+    SELECT b.*, dense_rank() OVER (ORDER BY best_score, created_at DESC, recording_id) AS grp
+    FROM best b
+),
+counted AS (SELECT g.*, max(grp) OVER () AS groups FROM grouped g),
+page AS (
+    SELECT * FROM counted
+    WHERE nth <= :per_group AND grp > :offset AND grp <= :offset + :limit
+)
+SELECT page.*, {snippet} AS snippet FROM page ORDER BY grp, nth
+"""
+
+_TIMES = {"created_after", "created_before"}
+
+
+def language_prefix(language: str) -> str:
+    """``en`` for ``en``, ``en-US`` and ``EN-gb``: what the language filter compares."""
+    return language.split("-", 1)[0].lower()
+
+
+class SqlSearchIndex(SearchIndex):
+    # ---- writes -------------------------------------------------------------------------------
+
+    async def replace(
+        self,
+        conn: AsyncConnection,
+        recording_id: str,
+        version: int,
+        language: str | None,
+        segments: Sequence[Segment],
+    ) -> None:
+        await self.remove(conn, recording_id)
+        rows = [
+            {
+                "recording_id": recording_id,
+                "position": position,
+                "start": segment.start,
+                "end": segment.end,
+                "speaker": segment.speaker,
+                "text": clean_text(segment.text),
+                **self._segment_extras(language),
+            }
+            for position, segment in enumerate(segments)
+            if segment.text.strip()
+        ]
+        if rows:
+            await conn.execute(self._insert_segments(), rows)
+        first, last = (
+            await conn.execute(
+                sa.select(
+                    sa.func.min(search_segments.c.id), sa.func.max(search_segments.c.id)
+                ).where(search_segments.c.recording_id == recording_id)
+            )
+        ).one()
+        await conn.execute(
+            search_documents.insert().values(
+                recording_id=recording_id,
+                version=version,
+                language=language_prefix(language) if language else None,
+                config=self._config(language),
+                segment_count=len(rows),
+                first_segment_id=first,
+                last_segment_id=last,
+                indexed_at=datetime.now(UTC),
+            )
+        )
+
+    async def remove(self, conn: AsyncConnection, recording_id: str) -> None:
+        await conn.execute(
+            search_segments.delete().where(search_segments.c.recording_id == recording_id)
+        )
+        await conn.execute(
+            search_documents.delete().where(search_documents.c.recording_id == recording_id)
+        )
+
+    def _insert_segments(self) -> sa.Executable:
+        return search_segments.insert()
+
+    def _segment_extras(self, language: str | None) -> dict[str, Any]:
+        return {}
+
+    def _config(self, language: str | None) -> str:
+        return "default"
+
+    # ---- queries ------------------------------------------------------------------------------
+
+    async def search(
+        self,
+        conn: AsyncConnection,
+        workspace: str,
+        query: SearchQuery,
+        filters: SearchFilters,
+        *,
+        offset: int,
+        limit: int,
+        per_group: int | None = None,
+    ) -> IndexPage:
+        where, params = self._filters(filters)
+        candidates, match_params = await self._candidates(conn, query, filters, where)
+        template = _PAGE if per_group is None else _GROUPED_PAGE
+        times = (sa.bindparam(name, type_=UTCDateTime()) for name in _TIMES & params.keys())
+        statement = (
+            sa.text(template.format(candidates=candidates, snippet=self._snippet()))
+            .bindparams(*times)
+            .columns(created_at=UTCDateTime())
+        )
+        values: dict[str, Any] = {
+            "workspace": workspace,
+            "window": self.window,
+            "offset": offset,
+            "limit": limit,
+            **({"per_group": per_group} if per_group is not None else {}),
+            **params,
+            **match_params,
+        }
+        rows = (await conn.execute(statement, values)).all()
+        hits = [
+            IndexHit(
+                recording_id=row.recording_id,
+                recording_title=row.title,
+                recording_created_at=row.created_at,
+                has_playback=bool(row.has_playback),
+                start=row.start,
+                end=row.end,
+                speaker=row.speaker,
+                text=row.text,
+                snippet=row.snippet or row.text,
+                group=row.grp,
+            )
+            for row in rows
+        ]
+        total = rows[0].total if rows else 0
+        groups = rows[0].groups if rows else 0
+        return IndexPage(hits=hits, total=total, groups=groups, truncated=total >= self.window)
+
+    @staticmethod
+    def _filters(filters: SearchFilters) -> tuple[str, dict[str, Any]]:
+        """SQL conditions on ``s`` (segments) and ``r`` (recordings); values are bound."""
+        clauses = ["r.workspace_id = :workspace", "r.status <> 'deleting'"]
+        params: dict[str, Any] = {}
+        if filters.tag is not None:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM recording_tags t"
+                " WHERE t.recording_id = s.recording_id AND t.tag = :tag)"
+            )
+            params["tag"] = filters.tag
+        if filters.speaker is not None:
+            clauses.append("s.speaker = :speaker")
+            params["speaker"] = filters.speaker
+        if filters.language is not None:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM search_documents d"
+                " WHERE d.recording_id = s.recording_id AND d.language = :language)"
+            )
+            params["language"] = language_prefix(filters.language)
+        if filters.recording_id is not None:
+            clauses.append("s.recording_id = :recording_id")
+            params["recording_id"] = filters.recording_id
+        if filters.created_after is not None:
+            clauses.append("r.created_at > :created_after")
+            params["created_after"] = filters.created_after
+        if filters.created_before is not None:
+            clauses.append("r.created_at < :created_before")
+            params["created_before"] = filters.created_before
+        return " AND ".join(clauses), params
+
+    @abstractmethod
+    async def _candidates(
+        self, conn: AsyncConnection, query: SearchQuery, filters: SearchFilters, where: str
+    ) -> tuple[str, dict[str, Any]]:
+        """The engine's candidate SELECT (see the module docstring) and its parameters."""
+
+    @abstractmethod
+    def _snippet(self) -> str:
+        """An SQL expression on ``page`` rows: the highlighted snippet of the segment."""
