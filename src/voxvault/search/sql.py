@@ -145,24 +145,9 @@ class SqlSearchIndex(SearchIndex):
         limit: int,
         per_group: int | None = None,
     ) -> IndexPage:
-        where, params = self._filters(filters)
-        candidates, match_params = await self._candidates(conn, query, filters, where)
-        template = _PAGE if per_group is None else _GROUPED_PAGE
-        times = (sa.bindparam(name, type_=UTCDateTime()) for name in _TIMES & params.keys())
-        statement = (
-            sa.text(template.format(candidates=candidates, snippet=self._snippet()))
-            .bindparams(*times)
-            .columns(created_at=UTCDateTime())
+        statement, values = await self.statement(
+            conn, workspace, query, filters, offset=offset, limit=limit, per_group=per_group
         )
-        values: dict[str, Any] = {
-            "workspace": workspace,
-            "window": self.window,
-            "offset": offset,
-            "limit": limit,
-            **({"per_group": per_group} if per_group is not None else {}),
-            **params,
-            **match_params,
-        }
         rows = (await conn.execute(statement, values)).all()
         hits = [
             IndexHit(
@@ -182,6 +167,38 @@ class SqlSearchIndex(SearchIndex):
         total = rows[0].total if rows else 0
         groups = rows[0].groups if rows else 0
         return IndexPage(hits=hits, total=total, groups=groups, truncated=total >= self.window)
+
+    async def statement(
+        self,
+        conn: AsyncConnection,
+        workspace: str,
+        query: SearchQuery,
+        filters: SearchFilters,
+        *,
+        offset: int,
+        limit: int,
+        per_group: int | None = None,
+    ) -> tuple[sa.TextClause, dict[str, Any]]:
+        """The one SQL statement ``search`` runs, and its values (benchmarks run it bare)."""
+        where, params = self._filters(filters)
+        candidates, match_params = await self._candidates(conn, query, filters, where)
+        template = _PAGE if per_group is None else _GROUPED_PAGE
+        times = (sa.bindparam(name, type_=UTCDateTime()) for name in _TIMES & params.keys())
+        statement = (
+            sa.text(template.format(candidates=candidates, snippet=self._snippet()))
+            .bindparams(*times)
+            .columns(created_at=UTCDateTime())
+        )
+        values: dict[str, Any] = {
+            "workspace": workspace,
+            "window": self.window,
+            "offset": offset,
+            "limit": limit,
+            **({"per_group": per_group} if per_group is not None else {}),
+            **params,
+            **match_params,
+        }
+        return statement, values
 
     @staticmethod
     def _filters(filters: SearchFilters) -> tuple[str, dict[str, Any]]:
