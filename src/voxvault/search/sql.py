@@ -178,7 +178,7 @@ class SqlSearchIndex(SearchIndex):
         offset: int,
         limit: int,
         per_group: int | None = None,
-    ) -> tuple[sa.TextClause, dict[str, Any]]:
+    ) -> tuple[sa.TextualSelect, dict[str, Any]]:
         """The one SQL statement ``search`` runs, and its values (benchmarks run it bare)."""
         where, params = self._filters(filters)
         candidates, match_params = await self._candidates(conn, query, filters, where)
