@@ -7,7 +7,10 @@ the results OR-ed, so a segment is matched by the query as its own language read
 
 The candidate SELECT asks for the newest ``window`` matches by id; for a common word PostgreSQL
 walks the id index backwards and stops at the window, for a rare one it reads the GIN index:
-either way ``ts_rank`` runs on at most ``window`` rows.
+either way ``ts_rank`` runs on at most ``window`` rows. The OR of every configuration's query
+only finds candidates (through the GIN index): each row is then checked against the query as its
+own configuration parses it, or an excluded word would not exclude a row in another
+configuration (``-drafts`` is ``'drafts'`` to ``simple``, ``'draft'`` to an English row).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ SELECT s.id, s.recording_id, s.start, s."end", s.speaker, s.text, s.config,
     r.playback_sha256 IS NOT NULL AS has_playback
 FROM search_segments s
 JOIN recordings r ON r.id = s.recording_id
-WHERE s.tsv @@ {tsquery} AND {where}
+WHERE s.tsv @@ {tsquery} AND s.tsv @@ to_tsquery(s.config, :tq) AND {where}
 ORDER BY s.id DESC
 LIMIT :window
 """
