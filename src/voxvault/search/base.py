@@ -7,7 +7,7 @@ so a recording being deleted (a tombstone) has no hits from the moment it is one
 
 Ranking must not cost in proportion to how common a word is: each query ranks at most
 ``window`` candidates, the most recently indexed segments that match and pass the filters, and
-says when more matched than it ranked (``IndexPage.total == window``).
+says when more matched than it ranked (``IndexPage.truncated``).
 """
 
 from __future__ import annotations

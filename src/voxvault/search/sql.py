@@ -166,7 +166,9 @@ class SqlSearchIndex(SearchIndex):
         ]
         total = rows[0].total if rows else 0
         groups = rows[0].groups if rows else 0
-        return IndexPage(hits=hits, total=total, groups=groups, truncated=total >= self.window)
+        return IndexPage(
+            hits=hits, total=min(total, self.window), groups=groups, truncated=total > self.window
+        )
 
     async def statement(
         self,
@@ -191,7 +193,8 @@ class SqlSearchIndex(SearchIndex):
         )
         values: dict[str, Any] = {
             "workspace": workspace,
-            "window": self.window,
+            # One more than is ranked, to tell "exactly the window" from "more than it".
+            "window": self.window + 1,
             "offset": offset,
             "limit": limit,
             **({"per_group": per_group} if per_group is not None else {}),
