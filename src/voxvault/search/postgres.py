@@ -1,16 +1,18 @@
 """SearchIndex on PostgreSQL: a ``tsvector`` per segment with a GIN index.
 
-Each segment is parsed with its transcript's language configuration where PostgreSQL has one
-(``english``, ``german``, ...), ``simple`` otherwise: the ``tsv`` column is generated from the
-row's ``config`` and text (migration 0005). A query is parsed once per configuration in use and
-the results OR-ed, so a segment is matched by the query as its own language reads it.
+Each segment is parsed with its transcript's language where PostgreSQL stems that language,
+``voxvault_simple`` otherwise. The ``voxvault_*`` text search configurations (migration 0005)
+are PostgreSQL's own with two changes that make them read text as the SQLite index does:
+accents are folded (``unaccent``) and no word is a stop word. The ``tsv`` column is generated
+from the row's ``config`` and text.
 
-The candidate SELECT asks for the newest ``window`` matches by id; for a common word PostgreSQL
-walks the id index backwards and stops at the window, for a rare one it reads the GIN index:
-either way ``ts_rank`` runs on at most ``window`` rows. The OR of every configuration's query
-only finds candidates (through the GIN index): each row is then checked against the query as its
-own configuration parses it, or an excluded word would not exclude a row in another
-configuration (``-drafts`` is ``'drafts'`` to ``simple``, ``'draft'`` to an English row).
+A query is parsed once per configuration in use; the OR of those finds candidates through the
+GIN index, and each candidate is then matched against the query as its own configuration reads
+it (otherwise an excluded word would not exclude a row of another language: ``-drafts`` is
+``'drafts'`` to ``voxvault_simple`` but ``'draft'`` to an English row). The candidate SELECT
+asks for the newest ``window`` matches by id; for a common word PostgreSQL walks the id index
+backwards and stops at the window, for a rare one it reads the GIN index: either way
+``ts_rank`` runs on at most ``window`` rows.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from voxvault.search.base import (
 from voxvault.search.query import SearchQuery, to_tsquery_text
 from voxvault.search.sql import SqlSearchIndex, language_prefix
 
-SIMPLE = "simple"
+PREFIX = "voxvault_"
+SIMPLE = PREFIX + "simple"
 CONFIG_CACHE_S = 5.0
-# Whisper's language codes and the text search configurations PostgreSQL ships for them.
+# Whisper's language codes and PostgreSQL's configurations (and Snowball stemmers) for them;
+# migration 0005 makes a ``voxvault_`` configuration of each that the server has.
 LANGUAGE_CONFIGS = {
     "ar": "arabic",
     "ca": "catalan",
@@ -72,7 +76,7 @@ SELECT s.id, s.recording_id, s.start, s."end", s.speaker, s.text, s.config,
     r.playback_sha256 IS NOT NULL AS has_playback
 FROM search_segments s
 JOIN recordings r ON r.id = s.recording_id
-WHERE s.tsv @@ {tsquery} AND s.tsv @@ to_tsquery(s.config, :tq) AND {where}
+WHERE s.tsv @@ {tsquery} AND s.tsv @@ {own_tsquery} AND {where}
 ORDER BY s.id DESC
 LIMIT :window
 """
@@ -95,8 +99,9 @@ class PostgresSearchIndex(SqlSearchIndex):
         return {"engine": "postgresql-tsvector", "window": self.window}
 
     def _config(self, language: str | None) -> str:
-        config = LANGUAGE_CONFIGS.get(language_prefix(language)) if language else None
-        if config is None or (self._available is not None and config not in self._available):
+        stock = LANGUAGE_CONFIGS.get(language_prefix(language)) if language else None
+        config = PREFIX + stock if stock else SIMPLE
+        if self._available is not None and config not in self._available:
             return SIMPLE
         return config
 
@@ -118,7 +123,11 @@ class PostgresSearchIndex(SqlSearchIndex):
 
     async def _load_available(self, conn: AsyncConnection) -> frozenset[str]:
         if self._available is None:
-            names = (await conn.execute(sa.text("SELECT cfgname FROM pg_ts_config"))).scalars()
+            names = (
+                await conn.execute(
+                    sa.text("SELECT cfgname FROM pg_ts_config WHERE cfgname LIKE 'voxvault\\_%'")
+                )
+            ).scalars()
             self._available = frozenset(names)
         return self._available
 
@@ -139,9 +148,13 @@ class PostgresSearchIndex(SqlSearchIndex):
         self, conn: AsyncConnection, query: SearchQuery, filters: SearchFilters, where: str
     ) -> tuple[str, dict[str, Any]]:
         configs = await self._configs(conn, filters)
-        tsquery = "(" + " || ".join(f"to_tsquery({_literal(c)}, :tq)" for c in configs) + ")"
+        parsed = {c: f"to_tsquery({_literal(c)}, :tq)" for c in configs}
+        any_config = "(" + " || ".join(parsed.values()) + ")"
+        # Each row's own reading, without parsing the query once per row.
+        own = " ".join(f"WHEN {_literal(c)} THEN {q}" for c, q in parsed.items())
+        own_tsquery = f"(CASE s.config {own} ELSE to_tsquery(s.config, :tq) END)"
         return (
-            _CANDIDATES.format(tsquery=tsquery, where=where),
+            _CANDIDATES.format(tsquery=any_config, own_tsquery=own_tsquery, where=where),
             {"tq": to_tsquery_text(query)},
         )
 
