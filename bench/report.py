@@ -72,6 +72,31 @@ def _render_markdown_table(table: Table) -> list[str]:
     return lines
 
 
+def reproduce_lines() -> list[str]:
+    """The closing section of the document: how to run the benchmarks."""
+    return [
+        "## How to reproduce",
+        "",
+        "`make bench` (installs nginx-light, wrk and curl if missing, then runs "
+        "`.venv/bin/python -m bench.run_all`, which rewrites this file). A single benchmark "
+        "runs alone with `.venv/bin/python -m bench.<name>`, where the name is "
+        "`upload_throughput`, `range_serving`, `pipeline_rtf`, `api_latency`, "
+        "`worker_throughput`, `s3_upload`, `tus_upload`, `metadata_load`, `sse_fanout` or "
+        "`search` "
+        "(add `--help` for smaller runs); those only print, except `search --write-doc`, "
+        "which puts its own section into this file. The pipeline benchmarks make "
+        "their speech with espeak-ng (`make test-system-deps`). `s3_upload` and "
+        "`tus_upload` start moto's S3 server themselves; `metadata_load`, `search` and "
+        "`sse_fanout` need PostgreSQL and `sse_fanout` Redis, "
+        "at `VOXVAULT_BENCH_POSTGRES_URL` and `VOXVAULT_BENCH_REDIS_URL` (default: local "
+        "servers on their usual ports), and report themselves skipped when these cannot be "
+        "reached; they create a database of their own and a Redis key prefix of their own "
+        "and remove both afterwards. Scratch files go to `bench/out/` and are deleted "
+        "afterwards.",
+        "",
+    ]
+
+
 def render_markdown(machine: Machine, tables: Sequence[Table]) -> str:
     lines = [
         "# Benchmarks",
@@ -99,27 +124,7 @@ def render_markdown(machine: Machine, tables: Sequence[Table]) -> str:
     ]
     for table in tables:
         lines.extend(_render_markdown_table(table))
-    lines.extend(
-        [
-            "## How to reproduce",
-            "",
-            "`make bench` (installs nginx-light, wrk and curl if missing, then runs "
-            "`.venv/bin/python -m bench.run_all`, which rewrites this file). A single benchmark "
-            "runs alone with `.venv/bin/python -m bench.<name>`, where the name is "
-            "`upload_throughput`, `range_serving`, `pipeline_rtf`, `api_latency`, "
-            "`worker_throughput`, `s3_upload`, `tus_upload`, `metadata_load` or `sse_fanout` "
-            "(add `--help` for smaller runs); those only print. The pipeline benchmarks make "
-            "their speech with espeak-ng (`make test-system-deps`). `s3_upload` and "
-            "`tus_upload` start moto's S3 server themselves; `metadata_load` and `sse_fanout` "
-            "need PostgreSQL and `sse_fanout` Redis, "
-            "at `VOXVAULT_BENCH_POSTGRES_URL` and `VOXVAULT_BENCH_REDIS_URL` (default: local "
-            "servers on their usual ports), and report themselves skipped when these cannot be "
-            "reached; they create a database of their own and a Redis key prefix of their own "
-            "and remove both afterwards. Scratch files go to `bench/out/` and are deleted "
-            "afterwards.",
-            "",
-        ]
-    )
+    lines.extend(reproduce_lines())
     return "\n".join(lines)
 
 
@@ -127,5 +132,23 @@ def write_document(machine: Machine, tables: Sequence[Table], path: Path = DOC_P
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".md.tmp")
     staging.write_text(render_markdown(machine, tables), encoding="utf-8")
+    staging.replace(path)
+    return path
+
+
+def write_section(table: Table, path: Path = DOC_PATH) -> Path:
+    """Put ``table``'s section into the existing document (replacing one of the same title,
+    else before "How to reproduce"), leaving every other section as it was measured."""
+    text = path.read_text(encoding="utf-8")
+    marker = "## How to reproduce"
+    head, found, _ = text.partition(marker)
+    if not found:
+        raise ValueError(f"{path} has no {marker!r} section")
+    sections = head.split("\n## ")
+    kept = [s for s in sections[1:] if s.split("\n", 1)[0] != table.title]
+    body = "\n## ".join([sections[0], *kept]) if kept else sections[0]
+    lines = [body.rstrip("\n"), "", *_render_markdown_table(table), *reproduce_lines()]
+    staging = path.with_suffix(".md.tmp")
+    staging.write_text("\n".join(lines), encoding="utf-8")
     staging.replace(path)
     return path

@@ -17,6 +17,7 @@ from bench import (
     pipeline_rtf,
     range_serving,
     s3_upload,
+    search,
     sse_fanout,
     tus_upload,
     upload_throughput,
@@ -37,6 +38,8 @@ BENCHMARKS: dict[str, Callable[[], Table]] = {
     "s3_upload": lambda: s3_upload.run().table(),
     "metadata_load": lambda: metadata_load.run().table(),
     "sse_fanout": lambda: sse_fanout.run().table(),
+    # Full-text search over 1M segments on SQLite and PostgreSQL (skipped without PostgreSQL).
+    "search": lambda: search.run().table(),
 }
 
 
