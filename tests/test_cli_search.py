@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import sqlalchemy as sa
 
+from tests.conftest import LiveServer
 from tests.media import wav_bytes
 from tests.test_cli import cli, ingest, ok, one_line, with_vault
 from voxvault import Vault
@@ -94,3 +97,31 @@ def test_reindex_rebuilds_a_lost_index(data_dir: Path, tmp_path: Path) -> None:
     assert (hit["recording_id"], hit["start"]) == (recording_id, 3723.0)
     assert "indexed 1 recording(s)" in ok(data_dir, "reindex").stdout  # again: same result
     assert len(json.loads(ok(data_dir, "search", "budget", "--json").stdout)["items"]) == 1
+
+
+def test_a_server_indexes_what_was_stored_before_the_index(data_dir: Path, tmp_path: Path) -> None:
+    """A library from before the search index (here: its rows deleted) is indexed by the
+    server in the background, while it already answers."""
+    recording_id = stored(data_dir, tmp_path, "Board call", TRANSCRIPT)
+
+    async def forget_index(vault: Vault) -> None:
+        assert isinstance(vault.metadata, SqlMetadataStore)
+        async with vault.metadata.engine.begin() as conn:
+            await conn.execute(sa.delete(search_segments))
+            await conn.execute(sa.delete(search_documents))
+
+    with_vault(data_dir, forget_index)
+    assert "0 hit(s)" in ok(data_dir, "search", "budget").stdout
+    server = LiveServer(data_dir, args=["--workers", "0"])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            page = httpx.get(f"{server.url}/v1/search", params={"q": "budget"}).json()
+            if page["items"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    assert [(hit["recording_id"], hit["start"]) for hit in page["items"]] == [
+        (recording_id, 3723.0)
+    ]

@@ -404,7 +404,9 @@ async def _sweep_scratch(vault: Vault, cutoff: datetime) -> list[str]:
 # ---- the periodic sweeper -------------------------------------------------------------------
 
 
-def _logged(name: str, sweep: Sweep) -> Sweep:
+def logged_sweep(name: str, sweep: Sweep) -> Sweep:
+    """``sweep``, whose failure is logged (the next round tries again), not raised."""
+
     async def run() -> None:
         try:
             await sweep()
@@ -426,9 +428,9 @@ def product_sweeps(vault: Vault) -> list[Sweep]:
             log.info("gc: %s", report.as_json())
 
     return [
-        _logged("repair_statuses", vault.repair_statuses),
-        _logged("catch_up_index", vault.catch_up_index),
-        _logged("gc", gc),
+        logged_sweep("repair_statuses", vault.repair_statuses),
+        logged_sweep("catch_up_index", vault.catch_up_index),
+        logged_sweep("gc", gc),
     ]
 
 

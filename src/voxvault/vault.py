@@ -836,11 +836,9 @@ class Vault:
         return repaired
 
     async def recover(self) -> None:
-        """Finish what a crash interrupted: deletions first, then recording statuses, then the
-        search index of transcripts stored before it existed."""
+        """Finish what a crash interrupted: deletions first, then recording statuses."""
         await self.finish_interrupted_deletes()
         await self.repair_statuses()
-        await self.catch_up_index()
 
     async def snapshot(self, recording_id: str) -> ProgressEvent:
         """The recording's progress as it stands, from the stores (any process's work)."""

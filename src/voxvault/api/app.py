@@ -23,9 +23,14 @@ from voxvault.api.routers import (
     transcripts,
     tus,
 )
+from voxvault.maintenance import logged_sweep
 from voxvault.pipeline.worker import run_workers, transcriber_beside_api
 from voxvault.settings import Settings
 from voxvault.vault import Vault
+
+
+async def _catch_up_index(vault: Vault) -> None:
+    await logged_sweep("catch_up_index", vault.catch_up_index)()
 
 
 def create_app(
@@ -50,6 +55,9 @@ def create_app(
                 group.start_soon(
                     partial(run_workers, transcribers=transcriber_beside_api), opened, workers
                 )
+                # Transcripts stored before the search index existed (or restored from a
+                # backup without it) are indexed while the server already answers.
+                group.start_soon(_catch_up_index, opened)
                 yield
                 group.cancel_scope.cancel()
 
