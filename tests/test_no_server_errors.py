@@ -27,7 +27,16 @@ from tests.stacks import EmbeddedStack
 from tests.test_bad_input import make_existing, store_state
 from voxvault import Vault
 from voxvault.api import create_app
-from voxvault.api.routers import artifacts, jobs, playback, recordings, system, transcripts, tus
+from voxvault.api.routers import (
+    artifacts,
+    jobs,
+    playback,
+    recordings,
+    search,
+    system,
+    transcripts,
+    tus,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -68,6 +77,7 @@ TEMPLATES = [
     "/v1/recordings/{recording_id}/events",
     "/v1/jobs/{job_id}",
     "/v1/jobs/{job_id}/cancel",
+    "/v1/search",
     "/files/v1/uploads",
     "/files/v1/uploads/{upload_id}",
 ]
@@ -101,6 +111,7 @@ ROUTE_METHODS = [
     ("/v1/recordings/{recording_id}/events", "GET"),
     ("/v1/jobs/{job_id}", "GET"),
     ("/v1/jobs/{job_id}/cancel", "POST"),
+    ("/v1/search", "GET"),
     ("/files/v1/uploads", "OPTIONS"),
     ("/files/v1/uploads", "POST"),
     ("/files/v1/uploads/{upload_id}", "HEAD"),
@@ -114,7 +125,7 @@ def test_the_templates_are_the_apps_routes() -> None:
     """The fuzzer aims at every route the app has, and only at those."""
     declared = {
         (route.path, method)
-        for module in (system, recordings, jobs, transcripts, artifacts, playback, tus)
+        for module in (system, recordings, jobs, transcripts, artifacts, playback, search, tus)
         for route in module.router.routes
         for method in route.methods
     }
@@ -204,6 +215,12 @@ QUERY_KEYS = [
     "expires",
     "signature",
     "transcribe",
+    "q",
+    "speaker",
+    "language",
+    "recording_id",
+    "group",
+    "per_group",
 ]
 QUERY_VALUES = [
     "",
@@ -234,6 +251,9 @@ QUERY_VALUES = [
     str(2**63),  # one past SQLite's INTEGER
     "0001-01-01T00:00:00+14:00",  # in UTC, before the year 1
     "9999-12-31T23:59:59-14:00",  # in UTC, after the year 9999
+    "recording",
+    "en-US",
+    'there OR "hello there" -x pre* NEAR( ^ :',  # search's language and engines' operators
     base64.urlsafe_b64encode(json.dumps(["0001-01-01T00:00:00+14:00", "0" * 32]).encode()).decode(),
     base64.urlsafe_b64encode(b"[" * 3000).decode(),
 ]
