@@ -6,10 +6,12 @@ are PostgreSQL's own with two changes that make them read text as the SQLite ind
 accents are folded (``unaccent``) and no word is a stop word. The ``tsv`` column is generated
 from the row's ``config`` and text.
 
-A query is parsed once per configuration in use; the OR of those finds candidates through the
-GIN index, and each candidate is then matched against the query as its own configuration reads
-it (otherwise an excluded word would not exclude a row of another language: ``-drafts`` is
-``'drafts'`` to ``voxvault_simple`` but ``'draft'`` to an English row). The candidate SELECT
+A query is parsed once per configuration in use and the OR of those matched through the GIN
+index: a row matches when its words match the query as any of those languages reads it, which
+differs from its own language's reading at most in how words are stemmed. A query with excluded
+words is checked against each row's own reading too, or an excluded word would not exclude a
+row of another language (``-drafts`` is ``'drafts'`` to ``voxvault_simple`` but ``'draft'`` to
+an English row). The candidate SELECT
 asks for the newest ``window`` matches by id; for a common word PostgreSQL walks the id index
 backwards and stops at the window, for a rare one it reads the GIN index: either way
 ``ts_rank`` runs on at most ``window`` rows.
@@ -76,7 +78,7 @@ SELECT s.id, s.recording_id, s.start, s."end", s.speaker, s.text, s.config,
     r.playback_sha256 IS NOT NULL AS has_playback
 FROM search_segments s
 JOIN recordings r ON r.id = s.recording_id
-WHERE s.tsv @@ {tsquery} AND s.tsv @@ {own_tsquery} AND {where}
+WHERE s.tsv @@ {tsquery} {own_reading} AND {where}
 ORDER BY s.id DESC
 LIMIT :window
 """
@@ -135,14 +137,14 @@ class PostgresSearchIndex(SqlSearchIndex):
         """The configurations the query must be parsed with: those the indexed rows use."""
         if filters.language is not None:
             await self._load_available(conn)
-            return sorted({self._config(filters.language), SIMPLE})
+            return [self._config(filters.language)]
         now = time.monotonic()
         if self._in_use is None or now - self._in_use[0] > CONFIG_CACHE_S:
             names = (
                 await conn.execute(sa.text("SELECT DISTINCT config FROM search_documents"))
             ).scalars()
-            self._in_use = (now, frozenset(names) | {SIMPLE})
-        return sorted(self._in_use[1])
+            self._in_use = (now, frozenset(names))
+        return sorted(self._in_use[1]) or [SIMPLE]
 
     async def _candidates(
         self, conn: AsyncConnection, query: SearchQuery, filters: SearchFilters, where: str
@@ -150,11 +152,15 @@ class PostgresSearchIndex(SqlSearchIndex):
         configs = await self._configs(conn, filters)
         parsed = {c: f"to_tsquery({_literal(c)}, :tq)" for c in configs}
         any_config = "(" + " || ".join(parsed.values()) + ")"
-        # Each row's own reading, without parsing the query once per row.
-        own = " ".join(f"WHEN {_literal(c)} THEN {q}" for c, q in parsed.items())
-        own_tsquery = f"(CASE s.config {own} ELSE to_tsquery(s.config, :tq) END)"
+        own_reading = ""
+        if query.excluded and len(configs) > 1:
+            # Each row's own reading, without parsing the query once per row. Only here: the
+            # planner cannot tell how many rows this keeps, and would then pick a plan that
+            # reads every match of a common word instead of stopping at the window.
+            cases = " ".join(f"WHEN {_literal(c)} THEN {q}" for c, q in parsed.items())
+            own_reading = f"AND s.tsv @@ (CASE s.config {cases} ELSE to_tsquery(s.config, :tq) END)"
         return (
-            _CANDIDATES.format(tsquery=any_config, own_tsquery=own_tsquery, where=where),
+            _CANDIDATES.format(tsquery=any_config, own_reading=own_reading, where=where),
             {"tq": to_tsquery_text(query)},
         )
 
