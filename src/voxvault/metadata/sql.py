@@ -204,7 +204,15 @@ class SqlMetadataStore(MetadataStore):
         self.dialect = make_url(async_url).get_backend_name()
         # SQLite files cannot drop a connection, so pinging before each use would only cost time.
         # A server that stops answering (a partition, not a refusal) fails within seconds.
-        connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if self.dialect != "sqlite" else {}
+        connect_args: dict[str, Any] = {}
+        if self.dialect != "sqlite":
+            # psycopg prepares a statement it has run five times; PostgreSQL may then plan it
+            # once for any value, and a search planned for a rare word would read every match
+            # of a common one. Each statement is planned for its own values instead.
+            connect_args = {
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "options": "-c plan_cache_mode=force_custom_plan",
+            }
         in_memory = make_url(async_url).database in (None, "", ":memory:")
         self.engine: AsyncEngine = create_async_engine(
             async_url,
