@@ -97,6 +97,12 @@ def test_limits() -> None:
     assert len(parse_query(" ".join(["w"] * MAX_TERMS)).groups) == MAX_TERMS
     with pytest.raises(InvalidRequest):
         parse_query(" ".join(["w"] * MAX_TERMS) + " -x")
+    # One letter and a * would be every word with that letter: refused, with the reason.
+    assert parse_query("bu*").groups == ((Term(("bu",), prefix=True),),)
+    with pytest.raises(InvalidRequest, match="at least 2 letters") as short:
+        parse_query("budget b*")
+    assert short.value.detail == {"term": "b*"}
+    assert parse_query('"b*"').groups == ((Term(("b",)),),)  # quoted: a word, not a prefix
 
 
 def test_compiled_forms() -> None:

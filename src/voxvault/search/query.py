@@ -6,7 +6,7 @@
     "budget review"      the exact phrase
     budget OR forecast   either word (OR binds tighter than the implied AND)
     budget -draft        budget, but not in a segment that says draft
-    budg*                any word starting with budg
+    budg*                any word starting with budg (two letters at least)
 
 Everything else is text: punctuation and engine operators (``NEAR(``, ``:``, ``^``, a lone
 ``*``) only separate words, an unclosed quote runs to the end, and ``OR`` that does not stand
@@ -28,6 +28,7 @@ from voxvault.errors import InvalidRequest
 MAX_QUERY_CHARS = 1_000
 MAX_TERMS = 32
 MAX_WORD_CHARS = 100
+MIN_PREFIX_CHARS = 2
 
 _TOKEN = re.compile(r'(-?)"([^"]*)"?|(\S+)')
 _WORD = re.compile(r"[^\W_]+")
@@ -66,6 +67,11 @@ def _term(text: str, *, quoted: bool) -> Term | None:
     if not words:
         return None
     prefix = not quoted and text.endswith("*")
+    if prefix and len(words[-1]) < MIN_PREFIX_CHARS:
+        raise InvalidRequest(
+            f"a prefix needs at least {MIN_PREFIX_CHARS} letters before the *",
+            detail={"term": text[:MAX_WORD_CHARS]},
+        )
     return Term(words, prefix)
 
 

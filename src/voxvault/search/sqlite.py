@@ -21,7 +21,7 @@ from voxvault.search.sql import SqlSearchIndex
 
 _CANDIDATES = """
 SELECT s.id, s.recording_id, s.start, s."end", s.speaker, s.text,
-    bm25(search_fts) AS score, r.title, r.created_at,
+    bm25(search_fts) AS score, {snippet} AS candidate_snippet, r.title, r.created_at,
     r.playback_sha256 IS NOT NULL AS has_playback
 FROM search_fts
 JOIN search_segments s ON s.id = search_fts.rowid
@@ -37,10 +37,13 @@ AND search_fts.rowid <= (SELECT last_segment_id FROM search_documents WHERE reco
 """  # noqa: E501
 
 # Constants only (no input reaches this text); the match itself is the bound :match.
-_SNIPPET = (
-    "(SELECT snippet(search_fts, 0, "  # noqa: S608
+_SNIPPET_FUNCTION = (
+    "snippet(search_fts, 0, "
     f"char({ord(HIGHLIGHT_START)}), char({ord(HIGHLIGHT_END)}), '…', {SNIPPET_WORDS})"
-    " FROM search_fts WHERE search_fts MATCH :match AND search_fts.rowid = page.id)"
+)
+_SNIPPET = (
+    f"(SELECT {_SNIPPET_FUNCTION} FROM search_fts"  # noqa: S608
+    " WHERE search_fts MATCH :match AND search_fts.rowid = page.id)"
 )
 
 
@@ -49,10 +52,19 @@ class SqliteSearchIndex(SqlSearchIndex):
         self, conn: AsyncConnection, query: SearchQuery, filters: SearchFilters, where: str
     ) -> tuple[str, dict[str, Any]]:
         rowids = _RECORDING_ROWIDS if filters.recording_id is not None else ""
-        return _CANDIDATES.format(rowids=rowids, where=where), {"match": to_fts5(query)}
+        # A page's snippets are each looked up by rowid, which costs FTS5 the set-up of the
+        # whole query every time; with a prefix that set-up merges many words' lists, so the
+        # snippets are made on the one pass over the candidates instead.
+        snippet = _SNIPPET_FUNCTION if self._prefixed(query) else "NULL"
+        candidates = _CANDIDATES.format(rowids=rowids, where=where, snippet=snippet)
+        return candidates, {"match": to_fts5(query)}
+
+    @staticmethod
+    def _prefixed(query: SearchQuery) -> bool:
+        return any(term.prefix for group in query.groups for term in group)
 
     def _snippet(self) -> str:
-        return _SNIPPET
+        return f"coalesce(page.candidate_snippet, {_SNIPPET})"
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "sqlite-fts5", "window": self.window}
