@@ -410,8 +410,10 @@ def test_a_server_killed_mid_transcription_finishes_the_job_once_after_restart(
 
 
 def test_a_separate_worker_process_runs_the_pipeline_the_api_streams_it(
-    data_dir: Path, fox: Path
+    data_dir: Path, library: Path
 ) -> None:
+    # The API sees another process's progress by re-reading the stores each second, so the
+    # speech is long enough (forty seconds) for its transcription to span such a read.
     server = LiveServer(data_dir, args=["--workers", "0"])
     log = data_dir.parent / "worker.log"
     with log.open("wb") as out:
@@ -421,7 +423,7 @@ def test_a_separate_worker_process_runs_the_pipeline_the_api_streams_it(
             stderr=subprocess.STDOUT,
         )
     try:
-        recording = upload(server.url, fox.read_bytes(), "fox.wav")
+        recording = upload(server.url, library.read_bytes(), "library.wav")
         events = read_events(server.url, recording["id"])
         assert worker.poll() is None, log.read_text()
         jobs = jobs_of(server.url, recording["id"])
@@ -432,7 +434,7 @@ def test_a_separate_worker_process_runs_the_pipeline_the_api_streams_it(
         assert all(event["type"] == "snapshot" for event in events), events
         assert any(event["status"] == "processing" for event in events), events
         assert_orderly_run(events, jobs[0]["id"])
-        assert_transcribed(server.url, recording["id"], FOX)
+        assert_transcribed(server.url, recording["id"], LIBRARY)
     finally:
         worker.terminate()
         try:
