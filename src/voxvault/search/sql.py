@@ -95,11 +95,16 @@ class SqlSearchIndex(SearchIndex):
         ]
         if rows:
             await conn.execute(self._insert_segments(), rows)
+        # Ids grow with position within one insert. Read through (recording_id, position):
+        # PostgreSQL would answer min(id) / max(id) by walking the whole id index instead.
+        mine = sa.select(search_segments.c.id).where(search_segments.c.recording_id == recording_id)
+        position = search_segments.c.position
         first, last = (
             await conn.execute(
                 sa.select(
-                    sa.func.min(search_segments.c.id), sa.func.max(search_segments.c.id)
-                ).where(search_segments.c.recording_id == recording_id)
+                    mine.order_by(position).limit(1).scalar_subquery(),
+                    mine.order_by(position.desc()).limit(1).scalar_subquery(),
+                )
             )
         ).one()
         await conn.execute(
