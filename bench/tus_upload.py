@@ -269,10 +269,10 @@ class TusUploadResult:
             ),
             rows=rows,
             notes=[
-                "A tus upload moves every byte twice on the server: into a part blob per "
-                "chunk, then from the parts into the recording at completion (on local disk "
-                "inside the kernel; on S3 through the server, as obstore has no server-side "
-                "copy of parts), which is then probed as a plain upload is; the recording's "
+                "A tus upload stores every byte twice: into a part blob per chunk, then from "
+                "the parts into the recording at completion (on local disk inside the kernel; "
+                "on S3 inside S3, by UploadPartCopy), which is then probed as a plain upload "
+                "is; the recording's "
                 "sha256 is taken as the chunks arrive. Each chunk's sha1 is computed by the "
                 "client and verified by the server besides. The client is Python (httpx) and "
                 "the baseline's is curl; all of them, and moto, share the machine's CPUs with "

@@ -27,6 +27,7 @@ from tests.s3 import (
 )
 from voxvault.blobs import open_blob_store
 from voxvault.blobs.s3 import MIN_PART_BYTES, STREAM_WINDOW_BYTES, S3BlobStore
+from voxvault.blobs.s3_join import S3Joiner, joinable
 from voxvault.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -392,3 +393,50 @@ async def test_playback_links_are_presigned_by_the_store_and_follow_the_renditio
         assert "/playback.opus?" in link.url
         async with httpx.AsyncClient() as http:
             assert (await http.get(link.url)).content == rendition
+
+
+# ---- joining parts inside S3 --------------------------------------------------------------------
+
+
+async def test_chunk_sized_parts_are_joined_inside_s3(
+    store: S3BlobStore, bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No byte of the parts is read back through the store: S3 copies them into the new
+    object; and no pending multipart upload is left."""
+    parts = [os.urandom(5 * 1024 * 1024), os.urandom(6 * 1024 * 1024), b"tail"]
+    keys = [f"uploads/u/parts/{n}" for n in range(len(parts))]
+    for key, data in zip(keys, parts, strict=True):
+        await store.put_bytes(key, data)
+
+    def no_reads(*_: object, **__: object) -> AsyncIterator[bytes]:
+        raise AssertionError("a part was read through the store")
+
+    monkeypatch.setattr(store, "stream_range", no_reads)
+    digest = hashlib.sha256(b"".join(parts)).hexdigest()
+    stored = await store.compose("recordings/r/original", keys, sha256=digest)
+    monkeypatch.undo()
+    assert (stored.size, stored.sha256) == (sum(map(len, parts)), digest)
+    assert await store.read_all("recordings/r/original") == b"".join(parts)
+    assert bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", []) == []
+
+
+async def test_a_part_gone_during_the_join_is_not_found_and_leaves_nothing(
+    store: S3BlobStore, bucket: S3Bucket
+) -> None:
+    await store.put_bytes("uploads/u/parts/0", os.urandom(5 * 1024 * 1024))
+    joiner = S3Joiner(bucket.name, endpoint_url=bucket.endpoint, region=store.region)
+    sources = [store.path_of("uploads/u/parts/0"), store.path_of("uploads/u/parts/gone")]
+    with pytest.raises(NotFound):
+        await anyio.to_thread.run_sync(joiner.join, store.path_of("recordings/r/original"), sources)
+    assert not object_exists(bucket, "recordings/r/original")
+    assert bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", []) == []
+
+
+def test_which_parts_s3_can_join() -> None:
+    big = 5 * 1024 * 1024
+    assert joinable([big, big, 1])
+    assert joinable([1])
+    assert not joinable([big - 1, big])  # a part but the last under 5 MiB
+    assert not joinable([big, 0])  # an empty part
+    assert not joinable([])
+    assert not joinable([big] * 10_001)

@@ -472,6 +472,23 @@ async def test_compose_joins_parts_in_order_and_keeps_them(
     await assert_no_staging_left(store)
 
 
+async def test_compose_of_chunk_sized_parts_replaces_what_was_there(store: BlobStore) -> None:
+    """Parts as resumable uploads make them (megabytes each; S3 joins these inside S3)."""
+    parts = [os.urandom(size) for size in (5 * 1024 * 1024, 6 * 1024 * 1024 + 3, 1234)]
+    keys = [f"uploads/u/parts/{i:08d}" for i in range(len(parts))]
+    for key, data in zip(keys, parts, strict=True):
+        await store.put_bytes(key, data)
+    await store.put_bytes("recordings/r/original", b"an older blob")
+    joined = b"".join(parts)
+    digest = hashlib.sha256(joined).hexdigest()
+    stored = await store.compose("recordings/r/original", keys, sha256=digest)
+    assert (stored.size, stored.sha256) == (len(joined), digest)
+    assert (await store.stat("recordings/r/original")).size == len(joined)
+    assert hashlib.sha256(await store.read_all("recordings/r/original")).hexdigest() == digest
+    assert sorted(await all_keys(store)) == sorted([*keys, "recordings/r/original"])
+    await assert_no_staging_left(store)
+
+
 @pytest.mark.parametrize("hashed_before", [True, False])
 async def test_compose_of_a_missing_part_or_past_the_limit_leaves_nothing(
     store: BlobStore, hashed_before: bool
