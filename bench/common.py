@@ -233,6 +233,17 @@ class Server:
         return self.proc.pid
 
 
+def settings_env(data_dir: Path, database_url: str) -> dict[str, str]:
+    """Settings of a server on ``database_url``, with every other store in ``data_dir``."""
+    return {
+        "VOXVAULT_DATA_DIR": str(data_dir),
+        "VOXVAULT_DATABASE_URL": database_url,
+        "VOXVAULT_BLOB_URL": (data_dir / "blobs").as_uri(),
+        "VOXVAULT_QUEUE_URL": "embedded",
+        "VOXVAULT_EVENTS_URL": "memory",
+    }
+
+
 @contextlib.contextmanager
 def voxvault_server(
     data_dir: Path,

@@ -38,6 +38,7 @@ from bench.common import (
     require_tools,
     run_tool,
     scratch_dir,
+    settings_env,
     voxvault_server,
     wav_header,
 )
@@ -205,16 +206,6 @@ class MetadataResult:
 
 
 # ---- seeding -----------------------------------------------------------------------------------
-
-
-def _settings_env(data_dir: Path, database_url: str) -> dict[str, str]:
-    return {
-        "VOXVAULT_DATA_DIR": str(data_dir),
-        "VOXVAULT_DATABASE_URL": database_url,
-        "VOXVAULT_BLOB_URL": (data_dir / "blobs").as_uri(),
-        "VOXVAULT_QUEUE_URL": "embedded",
-        "VOXVAULT_EVENTS_URL": "memory",
-    }
 
 
 async def _seed(data_dir: Path, database_url: str, count: int) -> list[str]:
@@ -428,7 +419,7 @@ def _measure(
                     workdir / f"data-{backend}",
                     workdir / f"server-{backend}.log",
                     serve_args=["--workers", "0"],
-                    env={**clean_env(), **_settings_env(workdir / f"data-{backend}", url)},
+                    env={**clean_env(), **settings_env(workdir / f"data-{backend}", url)},
                 )
             )
             for backend, url in urls.items()

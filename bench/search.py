@@ -45,6 +45,7 @@ from bench.common import (
     log,
     raise_on_sigterm,
     scratch_dir,
+    settings_env,
     voxvault_server,
 )
 from bench.report import Row, Table, render_text, write_section
@@ -697,17 +698,6 @@ class SearchResult:
 # ---- the run -----------------------------------------------------------------------------------
 
 
-def _settings_env(data_dir: Path, database_url: str) -> dict[str, str]:
-    return {
-        **clean_env(),
-        "VOXVAULT_DATA_DIR": str(data_dir),
-        "VOXVAULT_DATABASE_URL": database_url,
-        "VOXVAULT_BLOB_URL": (data_dir / "blobs").as_uri(),
-        "VOXVAULT_QUEUE_URL": "embedded",
-        "VOXVAULT_EVENTS_URL": "memory",
-    }
-
-
 def _measure(workdir: Path, postgres_url: str, segments: int, samples: int) -> SearchResult:
     started = time.perf_counter()
     corpus = Corpus(segments)
@@ -739,7 +729,7 @@ def _measure(workdir: Path, postgres_url: str, segments: int, samples: int) -> S
             data_dir,
             workdir / f"server-{backend}.log",
             serve_args=["--workers", "0"],
-            env=_settings_env(data_dir, urls[backend]),
+            env={**clean_env(), **settings_env(data_dir, urls[backend])},
         ) as server:
             engines.append(
                 measure_engine(

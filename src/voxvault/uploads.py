@@ -426,6 +426,7 @@ class ResumableUploads:
                     await self._part_keys_checked(upload),
                     # Known when every chunk came through this process: no need to read them.
                     sha256=_running_hashes.sha256(upload.id, upload.length),
+                    part_sizes=[part.size for part in upload.parts],
                     recording_id=upload.recording_id,
                     filename=meta.get("filename"),
                     content_type=meta.get("content_type"),

@@ -285,6 +285,7 @@ class Vault:
         parts: Sequence[str],
         *,
         sha256: str | None = None,
+        part_sizes: Sequence[int] | None = None,
         filename: str | None = None,
         content_type: str | None = None,
         title: str | None = None,
@@ -297,10 +298,13 @@ class Vault:
         of a resumable upload), under the same rules; the parts stay.
 
         The store joins them itself where it can (``BlobStore.compose``), and ``sha256``, taken
-        as the bytes arrived, spares reading them back to hash them.
+        as the bytes arrived, spares reading them back to hash them; ``part_sizes``, just
+        checked by the caller, spares asking the store for them again.
         """
         return await self._create_recording(
-            lambda key, limit: self.blobs.compose(key, parts, sha256=sha256, max_bytes=limit),
+            lambda key, limit: self.blobs.compose(
+                key, parts, sha256=sha256, max_bytes=limit, sizes=part_sizes
+            ),
             filename=filename,
             content_type=content_type,
             title=title,

@@ -216,6 +216,13 @@ class _Lane:
             self._cond.notify_all()
 
 
+def too_large(max_bytes: int) -> PayloadTooLarge:
+    """What a store raises once a blob being written passes ``max_bytes``."""
+    return PayloadTooLarge(
+        f"the upload exceeds the limit of {max_bytes} bytes", detail={"max_bytes": max_bytes}
+    )
+
+
 class BlobStore(ABC):
     scheme: ClassVar[str]
     lists_staging: ClassVar[bool] = False
@@ -260,10 +267,7 @@ class BlobStore(ABC):
                     chunk = bytes(chunk)
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
-                    raise PayloadTooLarge(
-                        f"the upload exceeds the limit of {max_bytes} bytes",
-                        detail={"max_bytes": max_bytes},
-                    )
+                    raise too_large(max_bytes)
                 full = [lane for lane in lanes if lane.push(chunk)]
                 for lane in full:
                     await lane.wait_for_room()
@@ -290,8 +294,12 @@ class BlobStore(ABC):
         *,
         sha256: str | None = None,
         max_bytes: int | None = None,
+        sizes: Sequence[int] | None = None,
     ) -> StoredBlob:
         """Store the blobs ``parts``, one after the other, under ``key``; the parts stay.
+
+        ``sizes`` are the parts' sizes when the caller has just checked them, so that a store
+        which needs them does not ask for them again.
 
         ``sha256`` is the caller's hash of those bytes, taken as they arrived, so that they are
         not read back to be hashed; without it they are hashed on the way. ``NotFound`` for a

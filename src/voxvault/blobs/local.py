@@ -36,9 +36,10 @@ from voxvault.blobs.base import (
     BlobStore,
     StagedLeftover,
     StoredBlob,
+    too_large,
 )
 from voxvault.blobs.keys import validate_key
-from voxvault.errors import BackendUnavailable, ConfigurationError, NotFound, PayloadTooLarge
+from voxvault.errors import BackendUnavailable, ConfigurationError, NotFound
 
 STAGING_DIR = ".staging"
 # How much a put writes before asking the kernel to start writing it back. Without it, a put
@@ -282,8 +283,10 @@ class LocalBlobStore(BlobStore):
         *,
         sha256: str | None = None,
         max_bytes: int | None = None,
+        sizes: Sequence[int] | None = None,
     ) -> StoredBlob:
-        # Without a hash the bytes must be read anyway: the streaming default does both.
+        # The sizes come with the open files here. Without a hash the bytes must be read
+        # anyway: the streaming default does both.
         if sha256 is None:
             return await super().compose(key, parts, max_bytes=max_bytes)
         validate_key(key)
@@ -298,10 +301,7 @@ class LocalBlobStore(BlobStore):
                 sources.append((fd, os.fstat(fd).st_size))
             size = sum(length for _, length in sources)
             if max_bytes is not None and size > max_bytes:
-                raise PayloadTooLarge(
-                    f"the upload exceeds the limit of {max_bytes} bytes",
-                    detail={"max_bytes": max_bytes},
-                )
+                raise too_large(max_bytes)
             sink = self._local_sink(key)
             try:
                 for fd, length in sources:

@@ -33,7 +33,14 @@ import obstore
 from obstore.exceptions import BaseError, NotFoundError, PreconditionError
 from obstore.store import S3Store
 
-from voxvault.blobs.base import READ_CHUNK_BYTES, BlobInfo, BlobSink, BlobStore, StoredBlob
+from voxvault.blobs.base import (
+    READ_CHUNK_BYTES,
+    BlobInfo,
+    BlobSink,
+    BlobStore,
+    StoredBlob,
+    too_large,
+)
 from voxvault.blobs.keys import validate_key
 from voxvault.blobs.s3_join import S3Joiner, joinable
 from voxvault.errors import (
@@ -42,7 +49,6 @@ from voxvault.errors import (
     Conflict,
     InvalidRequest,
     NotFound,
-    PayloadTooLarge,
 )
 
 if TYPE_CHECKING:
@@ -449,18 +455,17 @@ class S3BlobStore(BlobStore):
         *,
         sha256: str | None = None,
         max_bytes: int | None = None,
+        sizes: Sequence[int] | None = None,
     ) -> StoredBlob:
         # Inside S3 when the caller has the hash and S3 takes the parts as they are; else the
         # bytes pass through here (and are hashed on the way).
         if sha256 is None:
             return await super().compose(key, parts, max_bytes=max_bytes)
         validate_key(key)
-        sizes = [(await self.stat(part)).size for part in parts]
+        if sizes is None:
+            sizes = [(await self.stat(part)).size for part in parts]
         if max_bytes is not None and sum(sizes) > max_bytes:
-            raise PayloadTooLarge(
-                f"the upload exceeds the limit of {max_bytes} bytes",
-                detail={"max_bytes": max_bytes},
-            )
+            raise too_large(max_bytes)
         if not joinable(sizes):
             return await super().compose(key, parts, sha256=sha256, max_bytes=max_bytes)
         if self._joiner is None:

@@ -21,6 +21,7 @@ quoted words, so no input can reach either engine as syntax.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from voxvault.errors import InvalidRequest
@@ -138,7 +139,21 @@ def _joinable(token: _Token | None) -> bool:
     return token is not None and not token.is_or and not token.excluded
 
 
-# ---- FTS5 MATCH ---------------------------------------------------------------------------------
+# ---- compiled forms -----------------------------------------------------------------------------
+
+
+def _compile(
+    query: SearchQuery, term: Callable[[Term], str], either: str, both: str, but_not: str
+) -> str:
+    """The query in an engine's syntax, given how it writes a term and its three operators."""
+
+    def group(terms: tuple[Term, ...]) -> str:
+        return term(terms[0]) if len(terms) == 1 else "(" + either.join(map(term, terms)) + ")"
+
+    required = both.join(map(group, query.groups))
+    if not query.excluded:
+        return required
+    return f"({required}){but_not}({either.join(map(term, query.excluded))})"
 
 
 def _fts5_term(term: Term) -> str:
@@ -146,21 +161,9 @@ def _fts5_term(term: Term) -> str:
     return '"' + " ".join(term.words) + '"' + (" *" if term.prefix else "")
 
 
-def _fts5_group(group: tuple[Term, ...]) -> str:
-    if len(group) == 1:
-        return _fts5_term(group[0])
-    return "(" + " OR ".join(map(_fts5_term, group)) + ")"
-
-
 def to_fts5(query: SearchQuery) -> str:
     """The FTS5 MATCH expression of a query."""
-    required = " AND ".join(map(_fts5_group, query.groups))
-    if not query.excluded:
-        return required
-    return f"({required}) NOT ({' OR '.join(map(_fts5_term, query.excluded))})"
-
-
-# ---- PostgreSQL to_tsquery ----------------------------------------------------------------------
+    return _compile(query, _fts5_term, " OR ", " AND ", " NOT ")
 
 
 def _ts_term(term: Term) -> str:
@@ -170,15 +173,6 @@ def _ts_term(term: Term) -> str:
     return lexemes[0] if len(lexemes) == 1 else "(" + " <-> ".join(lexemes) + ")"
 
 
-def _ts_group(group: tuple[Term, ...]) -> str:
-    if len(group) == 1:
-        return _ts_term(group[0])
-    return "(" + " | ".join(map(_ts_term, group)) + ")"
-
-
 def to_tsquery_text(query: SearchQuery) -> str:
     """The text ``to_tsquery(config, text)`` turns into the query for one configuration."""
-    required = " & ".join(map(_ts_group, query.groups))
-    if not query.excluded:
-        return required
-    return f"({required}) & !({' | '.join(map(_ts_term, query.excluded))})"
+    return _compile(query, _ts_term, " | ", " & ", " & !")
