@@ -5,10 +5,10 @@ Both sides send the same WAV to a fresh ``voxvault serve --workers 0`` process w
 on a loopback port, as in ``bench.s3_upload``). Baseline: the plain streaming upload, ``curl -T``
 to ``POST /v1/recordings`` (201 once the bytes are durable, hashed and probed). VoxVault: the
 same file over tus with ``VaultClient.upload_resumable`` (the client ``voxvault ingest
---server`` uses): a POST, then ``CHUNK_BYTES`` PATCHes, each with an ``Upload-Checksum: sha1``,
-until the final one answers with the recording id — so the timing includes the completion,
-where the server turns the stored chunks into the recording. Rounds alternate the order; best
-of each side.
+--server`` uses): a POST, then ``CHUNK_BYTES`` PATCHes, each with the client's default
+``Upload-Checksum`` (crc32c), until the final one answers with the recording id — so the
+timing includes the completion, where the server turns the stored chunks into the recording.
+Rounds alternate the order; best of each side.
 
 Memory: the server's peak RSS (``VmHWM``; a fresh server per upload, so its peak is that
 upload's) for a ``BIG_BYTES`` tus upload against the median of the smaller ones: flat memory
@@ -88,7 +88,8 @@ class Round:
 @dataclass(frozen=True, slots=True)
 class DurableChunk:
     """What storing one chunk durably costs on this disk, apart from moving its bytes: the
-    part's fsync, rename and directory fsync, and the commit of the row that records it."""
+    sync of the chunk appended to the upload's file, and the commit of the row that records
+    it."""
 
     part_fsync_s: float
     row_commit_s: float
@@ -155,7 +156,7 @@ class BackendResult:
             bound_rows.append(
                 Row(
                     f"{self.backend}: ratio if each chunk cost only its durability "
-                    "(part fsync + row commit)",
+                    "(chunk fdatasync + row commit)",
                     "—",
                     "—",
                     bound,
@@ -199,7 +200,7 @@ class BackendResult:
             chunk = self.durable_chunk
             durability.append(
                 f"{self.backend}: storing a chunk durably costs {chunk.part_fsync_s * 1000:.1f} ms "
-                f"for the part (write is free; fsync, rename, directory fsync) and "
+                f"for the chunk appended to the upload's file (write is free; fdatasync) and "
                 f"{chunk.row_commit_s * 1000:.1f} ms for the commit of its row (SQLite, WAL, "
                 f"synchronous=FULL), measured on the same disk in this run. A tus server may "
                 "only answer a chunk once both are done, and the next chunk waits for that "
@@ -210,8 +211,8 @@ class BackendResult:
             *durability,
             f"{self.backend}: in the best tus round the chunks before the final one arrived at "
             f"{fmt(chunks_mb_s)} MB/s, and the final one took {best.final_seconds:.1f} s of "
-            f"{best.seconds:.1f} s: the completion, where the server joins the chunks into the "
-            "recording and probes it.",
+            f"{best.seconds:.1f} s: the completion, where the server makes the recording of the "
+            "stored chunks and probes it.",
             f"{self.backend}: the {self.big_bytes // MiB:,} MiB tus upload took "
             f"{self.big.seconds:.1f} s ({fmt(mb_per_s(self.big_bytes, self.big.seconds))} MB/s); "
             f"server peak RSS of the plain {self.file_bytes // MiB:,} MiB uploads "
@@ -261,7 +262,8 @@ class TusUploadResult:
                 "(`transcribe=false`), on the local backend and on S3 (moto's standalone "
                 "server on loopback): by `curl -T` to `POST /v1/recordings` (baseline), and "
                 f"over tus by `VaultClient.upload_resumable` in {CHUNK_BYTES // MiB} MiB "
-                "PATCHes with a sha1 `Upload-Checksum` each, timed until the final chunk "
+                "PATCHes with a crc32c `Upload-Checksum` each (the client's default), timed "
+                "until the final chunk "
                 "answers with the recording (the server turns the stored chunks into the "
                 f"recording first). Best of {len(measured[0].rounds) if measured else ROUNDS} "
                 f"rounds in alternating order. Memory: the server's peak RSS during a {big:,} "
@@ -269,11 +271,11 @@ class TusUploadResult:
             ),
             rows=rows,
             notes=[
-                "A tus upload stores every byte twice: into a part blob per chunk, then from "
-                "the parts into the recording at completion (on local disk inside the kernel; "
-                "on S3 inside S3, by UploadPartCopy), which is then probed as a plain upload "
-                "is; the recording's "
-                "sha256 is taken as the chunks arrive. Each chunk's sha1 is computed by the "
+                "On local disk a tus upload appends each chunk to one file per upload and syncs "
+                "it before answering; completion hard-links that file as the recording (no "
+                "copy), which is then probed as a plain upload is. On S3 each chunk is a part "
+                "object, joined inside S3 at completion (UploadPartCopy). The recording's "
+                "sha256 is taken as the chunks arrive; each chunk's CRC-32C is computed by the "
                 "client and verified by the server besides. The client is Python (httpx) and "
                 "the baseline's is curl; all of them, and moto, share the machine's CPUs with "
                 "other work.",
@@ -403,24 +405,16 @@ def _durable_chunk(workdir: Path) -> DurableChunk:
     import sqlite3
 
     payload = os.urandom(CHUNK_BYTES)
-    parts = workdir / "parts"
-    parts.mkdir()
+    grown = workdir / "grown"
     part_s: list[float] = []
-    for n in range(DURABILITY_SAMPLES):
-        staging = parts / f".{n}.staging"
-        with staging.open("wb") as handle:
+    with grown.open("wb") as handle:
+        for _ in range(DURABILITY_SAMPLES):
             handle.write(payload)
             handle.flush()
             started = time.perf_counter()
-            os.fsync(handle.fileno())
-        staging.rename(parts / str(n))
-        directory = os.open(parts, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        part_s.append(time.perf_counter() - started)
-    shutil.rmtree(parts)
+            os.fdatasync(handle.fileno())
+            part_s.append(time.perf_counter() - started)
+    grown.unlink()
     commit_s: list[float] = []
     database = workdir / "rows.db"
     with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as db:

@@ -532,10 +532,8 @@ async def test_gc_completes_a_full_upload_whose_completion_died(data_dir: Path) 
         await vault.blobs.put_bytes(blob_keys.upload_part(upload.id, name), data)
         claimed_at = datetime.now(UTC) - timedelta(seconds=COMPLETION_LEASE_S + 5)
         full = await vault.uploads.store.append_part(
-            upload.workspace,
-            upload.id,
-            expected_offset=0,
-            part=UploadPart(name=name, size=len(data)),
+            upload,
+            UploadPart(name=name, size=len(data)),
             now=claimed_at,
             expires_at=claimed_at + timedelta(days=1),
         )

@@ -48,6 +48,30 @@ async def test_every_connection_is_wal_with_full_sync_and_foreign_keys(tmp_path:
     }
 
 
+async def test_a_connection_returned_in_a_transaction_is_rolled_back(tmp_path: Path) -> None:
+    """The pool skips its rollback on return when there is nothing to roll back; a transaction
+    left open is still rolled back, so its writes vanish and it holds no lock."""
+    store = SqlMetadataStore(f"sqlite:///{tmp_path / 'v.db'}")
+    try:
+        await store.migrate()
+        async with store.engine.begin() as conn:
+            await conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+        async with store.engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.execute("BEGIN IMMEDIATE")
+            await driver.execute("INSERT INTO t VALUES (1)")
+        # Back in the pool, mid-transaction as far as SQLAlchemy knows.
+        assert not driver.in_transaction
+        with sqlite3.connect(tmp_path / "v.db", timeout=0.1) as db:
+            db.execute("INSERT INTO t VALUES (2)")  # no lock left behind
+        async with store.engine.connect() as conn:
+            rows = (await conn.execute(sa.text("SELECT x FROM t"))).scalars().all()
+    finally:
+        await store.close()
+    assert rows == [2]
+
+
 async def test_open_migrates_to_head_and_creates_the_default_workspace(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data")
     async with await Vault.open(settings):

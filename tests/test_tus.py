@@ -7,12 +7,14 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import AsyncIterator, Iterator, MutableMapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
+import google_crc32c
 import httpx
 import pytest
 
@@ -26,6 +28,7 @@ from voxvault.api import create_app
 from voxvault.errors import BackendUnavailable
 from voxvault.metadata.sql import SqlMetadataStore
 from voxvault.metadata.tables import uploads as uploads_table
+from voxvault.metadata.uploads import Upload, UploadStatus
 
 pytestmark = pytest.mark.anyio
 
@@ -115,7 +118,12 @@ async def test_options_advertises_version_extensions_limit_and_checksums(
         "expiration",
     }
     assert response.headers["Tus-Max-Size"] == str(MAX_BYTES)
-    assert set(response.headers["Tus-Checksum-Algorithm"].split(",")) == {"sha1", "sha256", "md5"}
+    assert set(response.headers["Tus-Checksum-Algorithm"].split(",")) == {
+        "sha1",
+        "sha256",
+        "md5",
+        "crc32c",
+    }
 
 
 @pytest.mark.parametrize("version", [None, "0.2.2", "2.0.0", ""])
@@ -355,10 +363,14 @@ def sha1_header(data: bytes) -> str:
 
 
 def checksum_header(algorithm: str, data: bytes) -> str:
-    return f"{algorithm} {base64.b64encode(hashlib.new(algorithm, data).digest()).decode()}"
+    if algorithm == "crc32c":
+        digest = google_crc32c.value(data).to_bytes(4, "big")  # computed apart from the server
+    else:
+        digest = hashlib.new(algorithm, data).digest()
+    return f"{algorithm} {base64.b64encode(digest).decode()}"
 
 
-@pytest.mark.parametrize("algorithm", ["sha1", "sha256", "md5"])
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256", "md5", "crc32c"])
 async def test_a_chunk_matching_its_checksum_is_kept(
     client: httpx.AsyncClient, algorithm: str
 ) -> None:
@@ -371,7 +383,7 @@ async def test_a_chunk_matching_its_checksum_is_kept(
     assert response.headers["Upload-Offset"] == "1000"
 
 
-@pytest.mark.parametrize("algorithm", ["sha1", "sha256", "md5"])
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256", "md5", "crc32c"])
 async def test_a_chunk_not_matching_its_checksum_is_460_and_discarded(
     client: httpx.AsyncClient, data_dir: Path, algorithm: str
 ) -> None:
@@ -561,29 +573,27 @@ async def test_two_chunks_racing_at_one_offset_one_wins_one_is_409(
     client: httpx.AsyncClient, data_dir: Path
 ) -> None:
     url = await create(client)
-    both_started = anyio.Event()
-    started = 0
+    first_started, second_answered = anyio.Event(), anyio.Event()
 
-    async def body(data: bytes) -> AsyncIterator[bytes]:
-        nonlocal started
+    async def stalled(data: bytes) -> AsyncIterator[bytes]:
         yield data[:10]
-        started += 1
-        if started == 2:
-            both_started.set()
-        await both_started.wait()  # both requests passed the offset check before either lands
+        first_started.set()
+        await second_answered.wait()  # the second chunk comes while the first is on its way
         yield data[10:]
 
     results: dict[str, httpx.Response] = {}
 
-    async def send(name: str, data: bytes) -> None:
-        results[name] = await client.patch(
-            url, content=body(data), headers={**CHUNK, "Upload-Offset": "0"}
+    async def send_first(data: bytes) -> None:
+        results["first"] = await client.patch(
+            url, content=stalled(data), headers={**CHUNK, "Upload-Offset": "0"}
         )
 
     first, second = WAV[:1000], bytes(reversed(WAV[:1000]))
     async with anyio.create_task_group() as group:
-        group.start_soon(send, "first", first)
-        group.start_soon(send, "second", second)
+        group.start_soon(send_first, first)
+        await first_started.wait()
+        results["second"] = await patch(client, url, 0, second)
+        second_answered.set()
     statuses = sorted(r.status_code for r in results.values())
     assert statuses == [204, 409]
     winner = first if results["first"].status_code == 204 else second
@@ -728,7 +738,7 @@ async def test_the_recording_is_hashed_as_chunks_arrive_or_from_its_parts(
     assert (await patch(client, url, 0, WAV[:third])).status_code == 204
     if not seen_by_this_process:
         # The next chunk comes through another process: this one's running hash is of no use.
-        uploads._running_hashes.forget(url.rsplit("/", 1)[1])
+        uploads._recent.forget(url.rsplit("/", 1)[1])
     assert (await patch(client, url, third, WAV[third : 2 * third])).status_code == 204
     response = await patch(client, url, 2 * third, WAV[2 * third :])
     assert response.status_code == 204
@@ -739,14 +749,65 @@ async def test_the_recording_is_hashed_as_chunks_arrive_or_from_its_parts(
     assert (await client.get(f"/v1/recordings/{recording_id}/audio")).content == WAV
 
 
-def test_a_running_hash_is_used_only_at_the_offset_it_was_made_for() -> None:
-    from voxvault.uploads import _RunningHashes
+async def test_bytes_past_the_offset_are_dropped_by_the_next_chunk(
+    client: httpx.AsyncClient, data_dir: Path
+) -> None:
+    """What a process killed between writing a chunk and recording it leaves: bytes the offset
+    does not cover. The next chunk goes at the offset, and the recording is exactly the file."""
+    url = await create(client)
+    half = len(WAV) // 2
+    assert (await patch(client, url, 0, WAV[:half])).status_code == 204
+    [grown] = upload_files(data_dir)
+    with grown.open("ab") as handle:
+        handle.write(b"never recorded" * 1000)
+    assert await offset_of(client, url) == half
+    response = await patch(client, url, half, WAV[half:])
+    assert response.status_code == 204, response.text
+    recording_id = response.headers["VoxVault-Recording-Id"]
+    assert (await client.get(f"/v1/recordings/{recording_id}/audio")).content == WAV
+    recording = (await client.get(f"/v1/recordings/{recording_id}")).json()
+    assert recording["sha256"] == hashlib.sha256(WAV).hexdigest()
 
-    hashes = _RunningHashes(capacity=2)
+
+async def test_an_upload_whose_bytes_went_missing_is_503_not_stored(
+    client: httpx.AsyncClient, data_dir: Path
+) -> None:
+    url = await create(client)
+    half = len(WAV) // 2
+    assert (await patch(client, url, 0, WAV[:half])).status_code == 204
+    [grown] = upload_files(data_dir)
+    grown.write_bytes(WAV[:100])  # the disk lost what the offset says is there
+    response = await patch(client, url, half, WAV[half:])
+    assert response.status_code == 503
+    assert error_code(response) == "backend_unavailable"
+    assert await offset_of(client, url) == half
+    assert grown.read_bytes() == WAV[:100]
+
+
+def recent_upload(upload_id: str, offset: int, workspace: str = "default") -> Upload:
+    now = datetime.now(UTC)
+    return Upload(
+        id=upload_id,
+        workspace=workspace,
+        length=100,
+        offset=offset,
+        metadata={},
+        status=UploadStatus.ACTIVE,
+        recording_id="r",
+        created_at=now,
+        updated_at=now,
+        expires_at=now + timedelta(hours=1),
+    )
+
+
+def test_a_running_hash_is_used_only_at_the_offset_it_was_made_for() -> None:
+    from voxvault.uploads import _RecentUploads
+
+    hashes = _RecentUploads(capacity=2)
     fresh = hashes.resume("u1", 0)
     assert fresh is not None
     fresh.update(b"abc")
-    hashes.advance("u1", 3, fresh)
+    hashes.advance(recent_upload("u1", 3), fresh)
     assert hashes.sha256("u1", 3) == hashlib.sha256(b"abc").hexdigest()
     assert hashes.sha256("u1", 4) is None
     assert hashes.resume("u1", 5) is None  # another process stored bytes 3..5
@@ -754,9 +815,62 @@ def test_a_running_hash_is_used_only_at_the_offset_it_was_made_for() -> None:
     assert resumed is not None
     resumed.update(b"lost race")  # a copy: the kept hash is untouched
     assert hashes.sha256("u1", 3) == hashlib.sha256(b"abc").hexdigest()
-    hashes.advance("u1", 12, None)  # stored without a hash: forgotten
+    hashes.advance(recent_upload("u1", 12), None)  # stored without a hash: none kept
     assert hashes.resume("u1", 12) is None
     for name in ("u2", "u3", "u4"):
-        hashes.advance(name, 1, hashlib.sha256(b"x"))
+        hashes.advance(recent_upload(name, 1), hashlib.sha256(b"x"))
     assert hashes.sha256("u2", 1) is None  # the least recently used went first
     assert hashes.sha256("u4", 1) is not None
+
+
+def test_a_remembered_row_is_used_only_for_its_workspace_offset_and_while_live() -> None:
+    from voxvault.uploads import _RecentUploads
+
+    recent = _RecentUploads(capacity=4)
+    row = recent_upload("u1", 10)
+    recent.advance(row, None)
+    assert recent.row("default", "u1", 10) == row
+    assert recent.row("other", "u1", 10) is None
+    assert recent.row("default", "u1", 11) is None
+    recent.advance(replace(row, status=UploadStatus.COMPLETING), None)
+    assert recent.row("default", "u1", 10) is None
+    recent.advance(replace(row, expires_at=datetime.now(UTC) - timedelta(seconds=1)), None)
+    assert recent.row("default", "u1", 10) is None
+    recent.forget("u1")
+    assert recent.row("default", "u1", 10) is None
+
+
+async def test_a_chunk_after_another_process_terminated_the_upload_is_410(
+    client: httpx.AsyncClient, vault: Vault, data_dir: Path
+) -> None:
+    """This process remembers the upload as active; the row, terminated elsewhere, decides."""
+    url = await create(client)
+    half = len(WAV) // 2
+    assert (await patch(client, url, 0, WAV[:half])).status_code == 204
+    await set_upload_row(vault, url, status="terminated", error="terminated by the client")
+    response = await patch(client, url, half, WAV[half:])
+    assert response.status_code == 410
+    assert [p.stat().st_size for p in upload_files(data_dir)] == [half]
+
+
+async def test_a_chunk_after_another_process_moved_the_upload_is_409(
+    client: httpx.AsyncClient, vault: Vault, data_dir: Path
+) -> None:
+    url = await create(client)
+    half = len(WAV) // 2
+    assert (await patch(client, url, 0, WAV[:half])).status_code == 204
+    [grown] = upload_files(data_dir)
+    # Another process stored the next 100 bytes (the file and the row both moved on).
+    with grown.open("ab") as handle:
+        handle.write(WAV[half : half + 100])
+    await set_upload_row(
+        vault, url, upload_offset=half + 100, parts=[{"name": "grown", "size": half + 100}]
+    )
+    response = await patch(client, url, half, WAV[half:])
+    assert response.status_code == 409
+    assert response.json()["error"]["detail"]["upload_offset"] == half + 100
+    assert grown.read_bytes() == WAV[: half + 100]
+    rest = await patch(client, url, half + 100, WAV[half + 100 :])
+    assert rest.status_code == 204
+    recording_id = rest.headers["VoxVault-Recording-Id"]
+    assert (await client.get(f"/v1/recordings/{recording_id}/audio")).content == WAV

@@ -16,7 +16,13 @@ import httpx
 from httpx_sse import aconnect_sse
 
 from voxvault.events import ProgressEvent
-from voxvault.tus_client import DEFAULT_CHUNK_BYTES, ResumableUpload, UploadUrlStore, error_of
+from voxvault.tus_client import (
+    DEFAULT_CHECKSUM,
+    DEFAULT_CHUNK_BYTES,
+    ResumableUpload,
+    UploadUrlStore,
+    error_of,
+)
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 
@@ -89,12 +95,14 @@ class VaultClient:
         tags: list[str] | None = None,
         transcribe: bool = True,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        checksum: str = DEFAULT_CHECKSUM,
         url_store: UploadUrlStore | None = None,
         max_attempts: int = 5,
         on_progress: Callable[[int], None] | None = None,
         on_chunk: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
-        """Upload a file as a recording over tus, in checksummed chunks of ``chunk_bytes``.
+        """Upload a file as a recording over tus, in chunks of ``chunk_bytes`` that each carry
+        a ``checksum`` (``crc32c``, ``sha1``, ``sha256`` or ``md5``).
 
         A damaged chunk is sent again; a dropped connection or a 5xx resumes at the server's
         offset, up to ``max_attempts`` failures in a row. The upload's URL is kept in
@@ -109,6 +117,7 @@ class VaultClient:
             ResumableUpload.metadata_for(path, title=title, tags=tags, transcribe=transcribe),
             store=url_store,
             chunk_bytes=chunk_bytes,
+            checksum=checksum,
             max_attempts=max_attempts,
             on_progress=on_progress,
             on_chunk=on_chunk,

@@ -1,13 +1,14 @@
 """The client side of resumable uploads: tus 1.0 over httpx, resumable across processes.
 
 ``ResumableUpload`` sends a file to ``/files/v1/uploads`` in checksummed chunks (``PATCH`` with
-``Upload-Checksum: sha1 …``). A chunk the server refuses as corrupt (460) is sent again; a
-dropped connection, a 5xx or a 409 makes it ask the server for the offset it holds (``HEAD``)
-and go on from there, after a growing pause, up to ``max_attempts`` failures in a row. The
-upload URL is kept in an ``UploadUrlStore`` (a small JSON file keyed by the file's path, size
-and modification time) as soon as the server has made it, so that the next process to upload
-the same file — after a crash, a Ctrl-C, a lost network — resumes where the server stopped
-instead of starting over. The chunk that completes the upload answers with the recording's id.
+``Upload-Checksum: crc32c …`` by default, see ``voxvault.checksums``). A chunk the server
+refuses as corrupt (460) is sent again; a dropped connection, a 5xx or a 409 makes it ask the
+server for the offset it holds (``HEAD``) and go on from there, after a growing pause, up to
+``max_attempts`` failures in a row. The upload URL is kept in an ``UploadUrlStore`` (a small
+JSON file keyed by the file's path, size and modification time) as soon as the server has made
+it, so that the next process to upload the same file — after a crash, a Ctrl-C, a lost network
+— resumes where the server stopped instead of starting over. The chunk that completes the
+upload answers with the recording's id.
 
 Hand-written rather than built on tuspy, the official Python tus client (which the test suite
 uses as an independent peer of the server): tuspy imports both requests and aiohttp, two HTTP
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import mimetypes
 import os
@@ -33,6 +33,7 @@ from typing import Final
 import anyio
 import httpx
 
+from voxvault import checksums
 from voxvault.errors import (
     BackendUnavailable,
     ChecksumMismatch,
@@ -49,11 +50,12 @@ from voxvault.errors import (
 __all__ = ["DEFAULT_CHUNK_BYTES", "ResumableUpload", "UploadUrlStore", "error_of"]
 
 DEFAULT_CHUNK_BYTES: Final = 8 * 1024 * 1024
+DEFAULT_CHECKSUM: Final = "crc32c"
 UPLOADS_PATH: Final = "/files/v1/uploads"
 TUS_VERSION: Final = "1.0.0"
 RECORDING_ID_HEADER: Final = "VoxVault-Recording-Id"
 CHUNK_CONTENT_TYPE: Final = "application/offset+octet-stream"
-SEND_SLICE_BYTES: Final = 256 * 1024
+SEND_SLICE_BYTES: Final = 1024 * 1024
 """A chunk goes out in slices of this size, so the progress bar moves within a chunk."""
 MAX_BACKOFF_S: Final = 10.0
 _ERRORS: Final[dict[int, type[VoxVaultError]]] = {
@@ -159,6 +161,7 @@ class ResumableUpload:
         *,
         store: UploadUrlStore | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        checksum: str = DEFAULT_CHECKSUM,
         max_attempts: int = 5,
         backoff_s: float = 0.5,
         on_progress: Callable[[int], None] | None = None,
@@ -166,6 +169,8 @@ class ResumableUpload:
     ) -> None:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be at least 1")
+        if checksum not in checksums.ALGORITHMS:
+            raise ValueError(f"checksum must be one of {', '.join(checksums.ALGORITHMS)}")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self.http = http
@@ -173,6 +178,7 @@ class ResumableUpload:
         self.metadata = dict(metadata)
         self.store = store if store is not None else UploadUrlStore()
         self.chunk_bytes = chunk_bytes
+        self.checksum = checksum
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.on_progress = on_progress
@@ -185,7 +191,8 @@ class ResumableUpload:
         """The offset the server held when this upload was resumed from the store."""
         self._reported = 0
         self._next: tuple[int, bytes, str] | None = None
-        """The chunk after the one in flight, read and hashed meanwhile: (offset, bytes, sha1)."""
+        """The chunk after the one in flight, read and checksummed meanwhile: (offset, bytes,
+        base64 checksum)."""
 
     @staticmethod
     def metadata_for(
@@ -319,7 +326,7 @@ class ResumableUpload:
                         "Content-Type": CHUNK_CONTENT_TYPE,
                         "Content-Length": str(len(chunk)),
                         "Upload-Offset": str(start),
-                        "Upload-Checksum": f"sha1 {digest}",
+                        "Upload-Checksum": f"{self.checksum} {digest}",
                     },
                     timeout=httpx.Timeout(self.http.timeout.connect, read=None),
                 )
@@ -346,12 +353,13 @@ class ResumableUpload:
         return None
 
     def _read_chunk(self, offset: int) -> tuple[bytes, str]:
-        """The chunk at ``offset`` and its sha1 (base64); blocking, so run in a thread."""
+        """The chunk at ``offset`` and its checksum (base64); blocking, so run in a thread."""
         with self.path.open("rb") as handle:
             handle.seek(offset)
             chunk = handle.read(min(self.chunk_bytes, self.size - offset))
-        sha1 = hashlib.sha1(chunk, usedforsecurity=False).digest()
-        return chunk, base64.b64encode(sha1).decode()
+        digest = checksums.new_digest(self.checksum)
+        digest.update(chunk)
+        return chunk, base64.b64encode(digest.digest()).decode()
 
     async def _prefetch(self, offset: int) -> None:
         try:

@@ -34,9 +34,10 @@ import anyio
 import anyio.abc
 from pydantic import ValidationError
 
+from voxvault import checksums
 from voxvault.blobs import BlobInfo
 from voxvault.blobs import keys as blob_keys
-from voxvault.blobs.base import Digest
+from voxvault.blobs.base import AppendTarget, Digest
 from voxvault.errors import (
     BackendUnavailable,
     ChecksumMismatch,
@@ -66,16 +67,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKSUM_ALGORITHMS: Final = ("sha1", "sha256", "md5")
+CHECKSUM_ALGORITHMS: Final = checksums.ALGORITHMS
 METADATA_KEYS: Final = ("filename", "title", "content_type", "tags", "transcribe")
 MAX_METADATA_VALUE_BYTES = 16 * 1024
 COMPLETION_LEASE_S = 60.0
 SETTLED = frozenset({UploadStatus.COMPLETED, UploadStatus.TERMINATED})
 """A completing upload whose process gave no sign of life for this long is taken over."""
-RUNNING_HASHES = 1024
-"""How many uploads' running sha256 one process keeps (a few hundred bytes each)."""
+RECENT_UPLOADS = 1024
+"""How many uploads' rows and running sha256 one process keeps (about a kilobyte each)."""
+GROWN_PART: Final = "grown"
+"""The one part of an upload whose chunks are appended in place (where the blob store can)."""
 _UPLOAD_ID_LENGTH = 32
 _HEX = frozenset("0123456789abcdef")
+
+
+class _Moved(Exception):
+    """The upload's row moved on (or ended) while a chunk was being stored."""
 
 
 class BodyCut(Exception):
@@ -101,10 +108,9 @@ class Checksum:
             digest = base64.b64decode(encoded.strip(), validate=True)
         except (binascii.Error, ValueError):
             raise InvalidRequest("the checksum is not valid base64") from None
-        if len(digest) != hashlib.new(algorithm).digest_size:
-            raise InvalidRequest(
-                f"a {algorithm} checksum is {hashlib.new(algorithm).digest_size} bytes"
-            )
+        size = checksums.digest_size(algorithm)
+        if len(digest) != size:
+            raise InvalidRequest(f"a {algorithm} checksum is {size} bytes")
         return cls(algorithm, digest)
 
 
@@ -113,7 +119,7 @@ class _ChecksumCheck:
 
     def __init__(self, checksum: Checksum) -> None:
         self._checksum = checksum
-        self._digest = hashlib.new(checksum.algorithm, usedforsecurity=False)
+        self._digest = checksums.new_digest(checksum.algorithm)
 
     def update(self, data: bytes, /) -> None:
         self._digest.update(data)
@@ -126,18 +132,34 @@ class _ChecksumCheck:
             )
 
 
-class _RunningHashes:
-    """The sha256 of each upload's bytes so far, kept by the process its chunks came through,
-    so that completion need not read them back to hash them (bounded, least recently used).
+class _RecentUploads:
+    """What this process knows of the uploads whose chunks came through it last (bounded, least
+    recently used): the row as it wrote it, and the sha256 of the upload's bytes so far, so that
+    completion need not read them back to hash them.
 
     An entry is trusted only at the offset it was made for: parts are never rewritten, so an
     upload at that offset holds exactly the bytes hashed. A chunk stored by another process
-    moves the upload past the entry, which is then never used; completion hashes the parts.
+    moves the upload past the entry, which then no chunk matches; completion hashes the parts.
+    The row saves reading it for the next chunk; the conditional update that records that chunk
+    is what decides (another process may have terminated or moved the upload meanwhile).
     """
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._entries: OrderedDict[str, tuple[int, Digest]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[Upload, Digest | None]] = OrderedDict()
+
+    def row(self, workspace: str, upload_id: str, offset: int) -> Upload | None:
+        """The upload as this process last wrote it, if that was at ``offset`` and it could
+        take a chunk then (active, unexpired)."""
+        entry = self._entries.get(upload_id)
+        if entry is None:
+            return None
+        upload = entry[0]
+        if (upload.workspace, upload.offset) != (workspace, offset):
+            return None
+        if upload.status is not UploadStatus.ACTIVE:
+            return None
+        return upload if upload.expires_at > _now() else None
 
     def resume(self, upload_id: str, offset: int) -> Digest | None:
         """A copy of the hash of the upload's first ``offset`` bytes, to continue with the chunk
@@ -145,29 +167,28 @@ class _RunningHashes:
         if offset == 0:
             return hashlib.sha256()
         entry = self._entries.get(upload_id)
-        if entry is None or entry[0] != offset:
+        if entry is None or entry[0].offset != offset or entry[1] is None:
             return None
         return entry[1].copy()
 
-    def advance(self, upload_id: str, offset: int, digest: Digest | None) -> None:
-        """The upload is now at ``offset``; ``digest`` hashes its bytes up to there (or None)."""
-        if digest is None:
-            self._entries.pop(upload_id, None)
-            return
-        self._entries[upload_id] = (offset, digest)
-        self._entries.move_to_end(upload_id)
+    def advance(self, upload: Upload, digest: Digest | None) -> None:
+        """This process wrote ``upload``; ``digest`` hashes its bytes so far (or None)."""
+        self._entries[upload.id] = (upload, digest)
+        self._entries.move_to_end(upload.id)
         while len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
 
     def sha256(self, upload_id: str, offset: int) -> str | None:
         entry = self._entries.get(upload_id)
-        return entry[1].hexdigest() if entry is not None and entry[0] == offset else None
+        if entry is None or entry[0].offset != offset or entry[1] is None:
+            return None
+        return entry[1].hexdigest()
 
     def forget(self, upload_id: str) -> None:
         self._entries.pop(upload_id, None)
 
 
-_running_hashes = _RunningHashes(RUNNING_HASHES)
+_recent = _RecentUploads(RECENT_UPLOADS)
 
 
 def check_upload_id(upload_id: str) -> str:
@@ -320,7 +341,31 @@ class ResumableUploads:
         nothing kept); without one, a chunk cut short by the client going away (``BodyCut``)
         keeps the bytes that arrived. The chunk that fills the upload completes it.
         """
-        upload = await self._get_live(upload_id)
+        recent = _recent.row(self.vault.workspace, upload_id, offset)
+        upload = recent or await self._get_live(upload_id)
+        upload = self._appendable(upload, offset, declared_size)
+        if upload.complete:
+            # A retry of the final chunk whose response was lost: nothing more to store.
+            return await self.get(upload_id) if upload.status is UploadStatus.COMPLETING else upload
+        if not self.vault.blobs.appends_in_place:
+            return await self._store_chunk(upload, chunks, checksum, None)
+        key = blob_keys.upload_part(upload.id, GROWN_PART)
+        async with self.vault.blobs.appending(key) as grown:
+            if grown.size != upload.offset:
+                # Bytes past the offset read (a chunk nobody recorded, or another request's
+                # since): what the row says now, under the lock, decides.
+                upload = self._appendable(await self._get_live(upload_id), offset, declared_size)
+                if upload.complete:
+                    return await self.get(upload_id)
+                if grown.size < upload.offset:
+                    raise BackendUnavailable(
+                        f"upload {upload.id} holds {grown.size} bytes, not {upload.offset}"
+                    )
+            return await self._store_chunk(upload, chunks, checksum, grown)
+
+    @staticmethod
+    def _appendable(upload: Upload, offset: int, declared_size: int | None) -> Upload:
+        """``upload``, if a chunk of ``declared_size`` bytes at ``offset`` may go on it."""
         if offset != upload.offset:
             raise Conflict(
                 f"the upload is at offset {upload.offset}, not {offset}",
@@ -333,47 +378,77 @@ class ResumableUploads:
                 f"{upload.length} bytes",
                 detail={"upload_length": upload.length, "upload_offset": upload.offset},
             )
-        if upload.complete:
-            # A retry of the final chunk whose response was lost: nothing more to store.
-            return await self.get(upload_id) if upload.status is UploadStatus.COMPLETING else upload
-        name = f"{len(upload.parts):08d}-{secrets.token_hex(4)}"
-        key = blob_keys.upload_part(upload.id, name)
-        running = _running_hashes.resume(upload.id, offset)
-        stored = await self.vault.blobs.put_stream(
-            key,
-            _verified(chunks, checksum),
-            max_bytes=remaining,
-            allow_empty=True,
-            sha256=running,
-            checks=[_ChecksumCheck(checksum)] if checksum else [],
+        return upload
+
+    async def _store_chunk(
+        self,
+        upload: Upload,
+        chunks: AsyncIterable[bytes],
+        checksum: Checksum | None,
+        grown: AppendTarget | None,
+    ) -> Upload:
+        """Store the chunk at the upload's offset: appended to ``grown``, the upload's blob grown
+        in place (held by this request), or else as a part blob of its own."""
+        offset, blobs = upload.offset, self.vault.blobs
+        running = _recent.resume(upload.id, offset)
+        body = _verified(chunks, checksum)
+        checks = [_ChecksumCheck(checksum)] if checksum else []
+        name = (
+            GROWN_PART if grown is not None else f"{len(upload.parts):08d}-{secrets.token_hex(4)}"
         )
-        if stored.size == 0:
-            await self.vault.blobs.delete(key)
-            return upload
-        now = _now()
-        # Shielded: once the part is durable, the row must learn of it or the part must go.
-        with anyio.CancelScope(shield=True):
-            try:
-                appended = await self.store.append_part(
-                    upload.workspace,
-                    upload.id,
-                    expected_offset=offset,
-                    part=UploadPart(name=name, size=stored.size),
-                    now=now,
-                    expires_at=now + self._ttl(),
-                )
-            except BaseException:
-                await self.vault.blobs.delete(key)
-                raise
+        recorded: list[Upload] = []
+
+        async def record(size: int) -> None:
+            """Move the row past the durable chunk; ``_Moved`` if it moved meanwhile."""
+            if size == 0:
+                return
+            now = _now()
+            appended = await self.store.append_part(
+                upload, UploadPart(name=name, size=size), now=now, expires_at=now + self._ttl()
+            )
             if appended is None:
-                await self.vault.blobs.delete(key)
-        if appended is None:
-            current = await self._get_live(upload_id)  # Gone when terminated meanwhile
+                raise _Moved
+            recorded.append(appended)
+
+        try:
+            if grown is not None:
+                # Recorded as soon as the bytes are durable, while their hash catches up; a
+                # failure to record cuts them back off the file.
+                await grown.append(
+                    offset,
+                    body,
+                    max_bytes=upload.length - offset,
+                    sha256=running,
+                    checks=checks,
+                    then=record,
+                )
+            else:
+                key = blob_keys.upload_part(upload.id, name)
+                stored = await blobs.put_stream(
+                    key,
+                    body,
+                    max_bytes=upload.length - offset,
+                    allow_empty=True,
+                    sha256=running,
+                    checks=checks,
+                )
+                # Shielded: once the part is durable, the row must learn of it or it must go.
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await record(stored.size)
+                    finally:
+                        if not recorded:
+                            await blobs.delete(key)
+        except _Moved:
+            current = await self._get_live(upload.id)  # Gone when terminated meanwhile
             raise Conflict(
                 f"another request moved the upload to offset {current.offset} meanwhile",
                 detail={"upload_offset": current.offset},
-            )
-        _running_hashes.advance(upload.id, appended.offset, running)
+            ) from None
+        if not recorded:
+            return upload  # an empty chunk
+        appended = recorded[0]
+        _recent.advance(appended, running)
         if appended.status is UploadStatus.COMPLETING:
             return await self._complete(appended)
         return appended
@@ -425,7 +500,7 @@ class ResumableUploads:
                 await vault.create_recording_from_blobs(
                     await self._part_keys_checked(upload),
                     # Known when every chunk came through this process: no need to read them.
-                    sha256=_running_hashes.sha256(upload.id, upload.length),
+                    sha256=_recent.sha256(upload.id, upload.length),
                     part_sizes=[part.size for part in upload.parts],
                     recording_id=upload.recording_id,
                     filename=meta.get("filename"),
@@ -458,7 +533,7 @@ class ResumableUploads:
             expires_at=expires_at,
             error=error,
         )
-        _running_hashes.forget(upload.id)
+        _recent.forget(upload.id)
         await self._remove_parts(upload)
         return Upload(
             id=upload.id,
@@ -510,7 +585,7 @@ class ResumableUploads:
         ):
             await self.terminate(upload_id)  # it moved meanwhile: answer for its new state
             return
-        _running_hashes.forget(upload.id)
+        _recent.forget(upload.id)
         with anyio.CancelScope(shield=True):
             await self._remove_parts(upload)
 

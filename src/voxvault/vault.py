@@ -519,25 +519,39 @@ class Vault:
         self, recording_id: str, *, has_rendition: bool, base_url: str, ttl: int | None = None
     ) -> PlaybackLink:
         """``playback_link`` for a recording the caller has just read (no lookup of its own)."""
+        links = await self.sign_playbacks(
+            [(recording_id, has_rendition)], base_url=base_url, ttl=ttl
+        )
+        return links[recording_id, has_rendition]
+
+    async def sign_playbacks(
+        self, recordings: Sequence[tuple[str, bool]], *, base_url: str, ttl: int | None = None
+    ) -> dict[tuple[str, bool], PlaybackLink]:
+        """``sign_playback`` for each ``(recording id, has rendition)``, once per pair and with
+        one expiry for all: a page of search hits often names a recording more than once."""
         ttl = ttl or self.settings.playback_url_ttl
         expires = int(time.time()) + ttl
         expires_at = datetime.fromtimestamp(expires, tz=UTC)
-        # An object store serves the bytes itself: the Opus rendition when there is one.
-        key = (blob_keys.recording_playback if has_rendition else blob_keys.recording_original)(
-            recording_id
-        )
-        presigned = await self.blobs.presigned_url(
-            key, ttl, public_endpoint=self.settings.blob_public_url
-        )
-        if presigned is not None:
-            return PlaybackLink(url=presigned, expires_at=expires_at)
-        signature = self.signer.sign(self.workspace, recording_id, expires)
         base = (self.settings.public_url or base_url).rstrip("/")
-        url = (
-            f"{base}/v1/playback/{recording_id}"
-            f"?ws={self.workspace}&expires={expires}&signature={signature}"
-        )
-        return PlaybackLink(url=url, expires_at=expires_at)
+        links: dict[tuple[str, bool], PlaybackLink] = {}
+        for recording_id, has_rendition in recordings:
+            if (recording_id, has_rendition) in links:
+                continue
+            # An object store serves the bytes itself: the Opus rendition when there is one.
+            key = (blob_keys.recording_playback if has_rendition else blob_keys.recording_original)(
+                recording_id
+            )
+            url = await self.blobs.presigned_url(
+                key, ttl, public_endpoint=self.settings.blob_public_url
+            )
+            if url is None:
+                signature = self.signer.sign(self.workspace, recording_id, expires)
+                url = (
+                    f"{base}/v1/playback/{recording_id}"
+                    f"?ws={self.workspace}&expires={expires}&signature={signature}"
+                )
+            links[recording_id, has_rendition] = PlaybackLink(url=url, expires_at=expires_at)
+        return links
 
     async def open_signed_audio(self, recording_id: str, expires: int, signature: str) -> Download:
         self.signer.verify(self.workspace, recording_id, expires, signature)

@@ -17,7 +17,7 @@ import pytest
 
 from tests.s3 import pending_uploads, s3_bucket, s3_client
 from voxvault.blobs import BlobSink, BlobStore, open_blob_store
-from voxvault.blobs.base import PUT_QUEUE_BYTES, StagedLeftover
+from voxvault.blobs.base import LANE_BATCH_BYTES, PUT_QUEUE_BYTES, StagedLeftover
 from voxvault.blobs.local import LocalBlobStore
 from voxvault.errors import EmptyUpload, InvalidRequest, NotFound, PayloadTooLarge
 
@@ -191,6 +191,9 @@ class WrappedSink(BlobSink):
         self.before_write(data)
         self.inner.write(data)
 
+    def flush(self) -> None:
+        self.inner.flush()
+
     def commit(self) -> None:
         self.inner.commit()
 
@@ -247,9 +250,10 @@ async def test_a_stalled_sink_holds_the_stream_back_instead_of_buffering_it(
         await anyio.wait_all_tasks_blocked()
         held_back_at = source.pulled
         gate.set()
-    # The queue, the chunk that tipped it over and the one in the stalled write.
-    assert held_back_at <= PUT_QUEUE_BYTES + 2 * source.chunk
-    assert source.most_ahead <= PUT_QUEUE_BYTES + 2 * source.chunk
+    # The queue, the batch that tipped it over and the chunk in the stalled write.
+    bound = PUT_QUEUE_BYTES + LANE_BATCH_BYTES + 2 * source.chunk
+    assert held_back_at <= bound
+    assert source.most_ahead <= bound
     assert await store.read_all("k/slow") == source.data
     await assert_no_staging_left(store)
 
@@ -267,7 +271,7 @@ async def test_a_failing_sink_stops_the_put_early_and_leaves_nothing(
     with pytest.raises(OSError, match="No space left") as raised:
         await store.put_stream("k/v", source)
     assert raised.value.errno == errno.ENOSPC
-    assert source.pulled <= PUT_QUEUE_BYTES + 2 * source.chunk
+    assert source.pulled <= PUT_QUEUE_BYTES + LANE_BATCH_BYTES + 2 * source.chunk
     assert await store.read_all("k/v") == b"old"
     await assert_no_staging_left(store)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -61,11 +62,11 @@ async def new_upload(store: UploadStore, length: int = 100) -> Upload:
 
 
 async def append(store: UploadStore, upload: Upload, offset: int, size: int) -> Upload | None:
+    """A part of ``size`` bytes by a writer that read the upload at ``offset``."""
+    read = replace(await store.get_upload(WS, upload.id), offset=offset)
     return await store.append_part(
-        WS,
-        upload.id,
-        expected_offset=offset,
-        part=UploadPart(name=f"{offset:08d}-{uuid.uuid4().hex[:8]}", size=size),
+        read,
+        UploadPart(name=f"{offset:08d}-{uuid.uuid4().hex[:8]}", size=size),
         now=NOW,
         expires_at=LATER,
     )
@@ -115,10 +116,8 @@ async def test_an_expired_upload_takes_no_part(store: UploadStore) -> None:
     upload = await new_upload(store)
     assert (
         await store.append_part(
-            WS,
-            upload.id,
-            expected_offset=0,
-            part=UploadPart(name="late", size=1),
+            upload,
+            UploadPart(name="late", size=1),
             now=LATER + timedelta(seconds=1),
             expires_at=LATER + timedelta(days=1),
         )
@@ -203,3 +202,18 @@ async def test_stalled_completions_are_listed_only_once_stale(store: UploadStore
     assert await store.list_stalled_completions(NOW) == []
     (stalled,) = await store.list_stalled_completions(NOW + timedelta(seconds=1))
     assert (stalled.id, stalled.status) == (full.id, UploadStatus.COMPLETING)
+
+
+async def test_a_part_named_as_the_last_one_extends_it(store: UploadStore) -> None:
+    upload = await new_upload(store)
+    first = await store.append_part(
+        upload, UploadPart(name="grown", size=30), now=NOW, expires_at=LATER
+    )
+    assert first is not None
+    second = await store.append_part(
+        first, UploadPart(name="grown", size=70), now=NOW, expires_at=LATER
+    )
+    assert second is not None
+    assert (second.offset, second.status) == (100, UploadStatus.COMPLETING)
+    stored = await store.get_upload(WS, upload.id)
+    assert stored.parts == second.parts == (UploadPart(name="grown", size=100),)

@@ -8,10 +8,12 @@ when a put fails or is cancelled. Adapters implement the small primitives below 
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +32,9 @@ FILE_CHUNK_BYTES = 1024 * 1024
 # reading the body until the thread has caught up by half, so a slow disk throttles the client
 # through TCP instead of filling memory; below it, the loop never waits for hashing or the disk.
 PUT_QUEUE_BYTES = 8 * 1024 * 1024
+# Received bytes handed to the lanes at once: each hand-over wakes every lane's thread, and a
+# request body arrives in pieces of a few hundred kilobytes.
+LANE_BATCH_BYTES = 1024 * 1024
 
 
 class Digest(Protocol):
@@ -96,25 +101,107 @@ class StagedLeftover:
 class BlobSink(ABC):
     """One put in progress: bytes go to a staging place and become visible only on commit.
 
-    The base class calls its methods from worker threads, never from the event loop, and one
-    at a time: writes in order from the put's writing thread, then commit or abort once no
-    write can still be running. So implementations block freely and need no locking.
+    The base class calls its methods from worker threads, never from the event loop (but a
+    ``commit`` that does no I/O, see ``commit_blocks``), and one at a time: writes in order
+    from the put's writing thread, then ``flush`` from that thread, then commit or abort once
+    no write can still be running. So implementations block freely and need no locking.
     """
+
+    commit_blocks: bool = True
+    """False while the sink's ``commit`` would do no I/O: it is then called on the event loop."""
 
     @abstractmethod
     def write(self, data: bytes) -> None: ...
 
+    def flush(self) -> None:  # noqa: B027 - a sink that syncs nothing early needs nothing here
+        """Make the bytes written so far durable; called from the writing thread after the last
+        write, while the put's other lanes may still be hashing, and before commit (which is
+        not called if the put then fails: abort is)."""
+
     @abstractmethod
     def commit(self) -> None:
-        """Make the bytes durable and visible under the key, atomically."""
+        """Make the bytes durable (if ``flush`` has not) and visible under the key, atomically."""
 
     @abstractmethod
     def abort(self) -> None:
         """Discard everything written; must be safe to call after a failed write or commit."""
 
 
+class AppendTarget(ABC):
+    """A blob that grows in place, held by one writer at a time (``BlobStore.appending``).
+
+    Each append writes at an offset, dropping whatever lay past it, and is durable once it
+    returns. The holder decides which offset is right (the caller's own record of what is
+    durable): bytes past that offset are a chunk nobody recorded, e.g. one a crash cut short.
+    """
+
+    key: str
+    size: int
+    """The blob's size when it was taken (only its holder changes it)."""
+
+    @abstractmethod
+    async def append(
+        self,
+        offset: int,
+        chunks: AsyncIterable[bytes],
+        *,
+        max_bytes: int | None = None,
+        sha256: Digest | None = None,
+        checks: Sequence[ByteCheck] = (),
+        then: Callable[[int], Awaitable[object]] | None = None,
+    ) -> StoredBlob:
+        """Write the stream at ``offset`` and make it durable, as ``BlobStore.put_stream`` puts
+        one (limits, running hash, checks), except that an empty stream is allowed; the size
+        and hash returned are the stream's. On any failure the blob is cut back to ``offset``.
+
+        ``then`` is awaited with the stream's size once its bytes are durable and verified
+        (shielded; the hash may still be catching up meanwhile): the place to record them. If
+        it raises, the blob is cut back to ``offset`` and the append raises that."""
+
+
+class _LaneThreads:
+    """Daemon threads that run lanes, each kept a while for the next: a put starts several
+    lanes, and starting a thread for each cost it a wait for that thread every time."""
+
+    IDLE_S = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.put(job)
+                return
+        threading.Thread(target=self._serve, args=(job,), name="voxvault-lane", daemon=True).start()
+
+    def _serve(self, job: Callable[[], None]) -> None:
+        while True:
+            job()
+            with self._lock:
+                self._idle += 1
+            while True:
+                try:
+                    job = self._jobs.get(timeout=self.IDLE_S)
+                    break
+                except queue.Empty:
+                    with self._lock:
+                        # Jobs are put under the lock: none can arrive between this look and
+                        # the thread leaving the idle count.
+                        if self._jobs.empty():
+                            self._idle -= 1
+                            return
+
+
+_lane_threads = _LaneThreads()
+
+
 class _Lane:
-    """One thread that passes a put's chunks, in order, to ``consume`` while the loop receives.
+    """One thread that passes a put's chunks, in order, to ``consume`` while the loop receives,
+    then calls ``finish`` once the loop has closed it (not if it abandoned it).
 
     A put runs two lanes, one hashing and one writing to the sink: hashlib and file writes
     release the GIL, so both overlap each other and the event loop reading the socket. The
@@ -122,8 +209,11 @@ class _Lane:
     half of them are consumed.
     """
 
-    def __init__(self, consume: Callable[[bytes], object], name: str) -> None:
+    def __init__(
+        self, consume: Callable[[bytes], object], finish: Callable[[], object] | None = None
+    ) -> None:
         self._consume = consume
+        self._finish = finish
         self._cond = threading.Condition()
         self._chunks: deque[bytes] = deque()
         self._queued = 0
@@ -134,17 +224,18 @@ class _Lane:
         # Waits run in helper threads under a limiter of their own, so that uploads held back
         # by a slow disk cannot use up the tokens of anyio's default thread limiter.
         self._limiter = anyio.CapacityLimiter(1)
-        threading.Thread(target=self._run, name=f"voxvault-{name}", daemon=True).start()
+        _lane_threads.run(self._run)
 
     # ---- event-loop side ----------------------------------------------------------------------
 
-    def push(self, chunk: bytes) -> bool:
-        """Queue a chunk without blocking; True when the loop should ``wait_for_room`` now."""
+    def push(self, chunks: Sequence[bytes], size: int) -> bool:
+        """Queue chunks of ``size`` bytes in all without blocking; True when the loop should
+        ``wait_for_room`` now."""
         with self._cond:
             if self._error is not None:
                 raise self._error
-            self._chunks.append(chunk)
-            self._queued += len(chunk)
+            self._chunks.extend(chunks)
+            self._queued += size
             self._cond.notify_all()
             return self._queued >= PUT_QUEUE_BYTES
 
@@ -155,13 +246,23 @@ class _Lane:
         )
         self._raise_error()
 
-    async def drain(self) -> None:
-        """Wait until every queued chunk is consumed; raises what ``consume`` raised."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        await anyio.to_thread.run_sync(self._wait, self._is_finished, limiter=self._limiter)
-        self._raise_error()
+    @staticmethod
+    async def drain(lanes: Sequence[_Lane]) -> None:
+        """Wait until every chunk queued in ``lanes`` is consumed (one thread hop for them all);
+        raises what a ``consume`` raised."""
+        for lane in lanes:
+            with lane._cond:
+                lane._closed = True
+                lane._cond.notify_all()
+
+        def wait_all() -> None:
+            for lane in lanes:
+                lane._wait(lane._is_finished)
+
+        if lanes:
+            await anyio.to_thread.run_sync(wait_all, limiter=lanes[0]._limiter)
+        for lane in lanes:
+            lane._raise_error()
 
     async def abandon(self) -> None:
         """Drop the queued chunks and wait until ``consume`` is no longer running."""
@@ -206,6 +307,10 @@ class _Lane:
         try:
             while (chunk := self._next_chunk()) is not None:
                 self._consume(chunk)
+            with self._cond:
+                finish = None if self._abandoned else self._finish
+            if finish is not None:
+                finish()
         except BaseException as exc:
             error = exc
         with self._cond:
@@ -223,11 +328,89 @@ def too_large(max_bytes: int) -> PayloadTooLarge:
     )
 
 
+async def fill_sink(
+    sink: BlobSink,
+    key: str,
+    chunks: AsyncIterable[bytes],
+    *,
+    max_bytes: int | None = None,
+    allow_empty: bool = False,
+    sha256: Digest | None = None,
+    checks: Sequence[ByteCheck] = (),
+    then: Callable[[int], Awaitable[object]] | None = None,
+) -> StoredBlob:
+    """Stream ``chunks`` into ``sink`` and commit it, or abort it on any failure (``put_stream``
+    and appends share this: see ``BlobStore.put_stream`` for the arguments).
+
+    ``then`` is awaited with the size once the bytes are committed, shielded from cancellation,
+    while the hash may still be catching up; if it raises, the sink is aborted after all (for
+    appends, whose abort cuts the bytes back; a put's commit cannot be undone, so puts pass
+    none). The hash is taken last: nothing but the returned ``sha256`` waits for it."""
+    digest = sha256 if sha256 is not None else hashlib.sha256()
+    lanes: list[_Lane] = []
+    size = 0
+    try:
+        lanes += [_Lane(digest.update), _Lane(sink.write, finish=sink.flush)]
+        lanes += [_Lane(check.update) for check in checks]
+        batch: list[bytes] = []
+        batched = 0
+
+        async def hand_over() -> None:
+            nonlocal batch, batched
+            full = [lane for lane in lanes if lane.push(batch, batched)]
+            batch, batched = [], 0
+            for lane in full:
+                await lane.wait_for_room()
+
+        async for chunk in chunks:
+            if not chunk:
+                continue
+            if not isinstance(chunk, bytes):
+                # The lanes read the chunk later; a reused buffer could change under them.
+                chunk = bytes(chunk)
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise too_large(max_bytes)
+            batch.append(chunk)
+            batched += len(chunk)
+            if batched >= LANE_BATCH_BYTES:
+                await hand_over()
+        if batch:
+            await hand_over()
+        if size == 0 and not allow_empty:
+            raise EmptyUpload("the upload is empty")
+        hashing, rest = lanes[0], lanes[1:]
+        await _Lane.drain(rest)
+        for check in checks:
+            check.verify()
+        if sink.commit_blocks:
+            await anyio.to_thread.run_sync(sink.commit)
+        else:
+            sink.commit()
+        if then is not None:
+            with anyio.CancelScope(shield=True):
+                await then(size)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            # The sink is aborted only once no lane can be writing to it any more.
+            for lane in lanes:
+                await lane.abandon()
+            await anyio.to_thread.run_sync(sink.abort)
+        raise
+    # Committed (and taken up by ``then``): from here on nothing is undone.
+    await _Lane.drain([hashing])
+    return StoredBlob(key=key, size=size, sha256=digest.hexdigest())
+
+
 class BlobStore(ABC):
     scheme: ClassVar[str]
     lists_staging: ClassVar[bool] = False
     """Whether ``staging_leftovers`` can see what crashed puts left; a store that cannot (S3:
     obstore cannot list incomplete multipart uploads) relies on the store's own expiry."""
+
+    appends_in_place: ClassVar[bool] = False
+    """Whether ``appending`` works here: a blob grown in place (local files; S3 objects are
+    immutable, so chunks there are separate blobs joined at the end by ``compose``)."""
 
     # ---- public behaviour -------------------------------------------------------------------
 
@@ -253,39 +436,15 @@ class BlobStore(ABC):
         """
         validate_key(key)
         sink = await anyio.to_thread.run_sync(self._open_sink, key)
-        digest = sha256 if sha256 is not None else hashlib.sha256()
-        lanes: list[_Lane] = []
-        size = 0
-        try:
-            lanes += [_Lane(digest.update, "hash"), _Lane(sink.write, "write")]
-            lanes += [_Lane(check.update, "check") for check in checks]
-            async for chunk in chunks:
-                if not chunk:
-                    continue
-                if not isinstance(chunk, bytes):
-                    # The lanes read the chunk later; a reused buffer could change under them.
-                    chunk = bytes(chunk)
-                size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise too_large(max_bytes)
-                full = [lane for lane in lanes if lane.push(chunk)]
-                for lane in full:
-                    await lane.wait_for_room()
-            if size == 0 and not allow_empty:
-                raise EmptyUpload("the upload is empty")
-            for lane in lanes:
-                await lane.drain()
-            for check in checks:
-                check.verify()
-            await anyio.to_thread.run_sync(sink.commit)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                # The sink is aborted only once no lane can be writing to it any more.
-                for lane in lanes:
-                    await lane.abandon()
-                await anyio.to_thread.run_sync(sink.abort)
-            raise
-        return StoredBlob(key=key, size=size, sha256=digest.hexdigest())
+        return await fill_sink(
+            sink,
+            key,
+            chunks,
+            max_bytes=max_bytes,
+            allow_empty=allow_empty,
+            sha256=sha256,
+            checks=checks,
+        )
 
     async def compose(
         self,
@@ -318,6 +477,13 @@ class BlobStore(ABC):
         return await self.put_stream(
             key, chunks(), max_bytes=max_bytes, allow_empty=True, sha256=known
         )
+
+    def appending(self, key: str) -> AbstractAsyncContextManager[AppendTarget]:
+        """Hold the growable blob at ``key`` (created empty if absent) for appending, or raise
+        ``Conflict`` at once when another writer, in any process, holds it. Only where
+        ``appends_in_place``. Once such a blob is composed into another, append no more: the
+        store may share its bytes with the composed blob instead of copying them."""
+        raise NotImplementedError(f"{type(self).__name__} cannot append in place")
 
     async def put_bytes(self, key: str, data: bytes, *, allow_empty: bool = True) -> StoredBlob:
         async def once() -> AsyncIterator[bytes]:

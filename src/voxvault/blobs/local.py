@@ -11,15 +11,17 @@ crashed process left: the kernel drops the lock with its holder.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import functools
+import hashlib
 import os
 import shutil
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_ISREG
@@ -31,15 +33,19 @@ import anyio.to_thread
 
 from voxvault.blobs.base import (
     READ_CHUNK_BYTES,
+    AppendTarget,
     BlobInfo,
     BlobSink,
     BlobStore,
+    ByteCheck,
+    Digest,
     StagedLeftover,
     StoredBlob,
+    fill_sink,
     too_large,
 )
 from voxvault.blobs.keys import validate_key
-from voxvault.errors import BackendUnavailable, ConfigurationError, NotFound
+from voxvault.errors import BackendUnavailable, ConfigurationError, Conflict, NotFound
 
 STAGING_DIR = ".staging"
 # How much a put writes before asking the kernel to start writing it back. Without it, a put
@@ -47,6 +53,9 @@ STAGING_DIR = ".staging"
 # takes as long again as the upload; with it, writeback overlaps the upload (RocksDB's
 # ``bytes_per_sync`` does the same).
 WRITEBACK_BYTES = 8 * 1024 * 1024
+# The same for appends, which are synced one chunk at a time: the smaller this is, the less of
+# a chunk its sync waits for.
+APPEND_WRITEBACK_BYTES = 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
 # Errors that mean "copy_file_range cannot do this pair of files", not "the copy failed".
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
@@ -75,6 +84,20 @@ def _make_dirs_durable(path: Path, root: Path) -> None:
         _fsync_dir(directory.parent)
 
 
+def _rename_into_place(staging: Path, final: Path, root: Path) -> None:
+    """Rename ``staging`` to ``final``, creating its directories durably; the caller then
+    fsyncs ``final``'s directory."""
+    for attempt in range(2):
+        _make_dirs_durable(final.parent, root)
+        try:
+            os.replace(staging, final)
+            return
+        except FileNotFoundError:
+            # A concurrent delete pruned the empty directory between mkdir and rename.
+            if attempt:
+                raise
+
+
 @functools.cache
 def _writeback_starter() -> Callable[[int, int, int], None] | None:
     """Linux's ``sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)``, or None.
@@ -99,28 +122,50 @@ def _writeback_starter() -> Callable[[int, int, int], None] | None:
     return start
 
 
-class _LocalSink(BlobSink):
+class _FileSink(BlobSink):
+    """Writes to an open file from ``start`` on, asking the kernel to write back every
+    ``writeback_bytes`` so that the final sync has little left to wait for."""
+
+    def __init__(self, fd: int, start: int, writeback_bytes: int) -> None:
+        self._fd = fd
+        self._written = self._written_back = start
+        self._writeback_bytes = writeback_bytes
+        self._start_writeback = _writeback_starter()
+
+    def write(self, data: bytes) -> None:
+        done = os.pwrite(self._fd, data, self._written)
+        if done < len(data):
+            view = memoryview(data)
+            while done < len(data):
+                done += os.pwrite(self._fd, view[done:], self._written + done)
+        self._wrote(len(data))
+
+    def _wrote(self, count: int) -> None:
+        self._written += count
+        pending = self._written - self._written_back
+        if self._start_writeback is not None and pending >= self._writeback_bytes:
+            self._start_writeback(self._fd, self._written_back, pending)
+            self._written_back = self._written
+
+
+class _LocalSink(_FileSink):
+    """A put: a new staging file, renamed into place on commit."""
+
     def __init__(self, store: LocalBlobStore, final: Path, staging: Path) -> None:
         self._store = store
         self._final = final
         self._staging = staging
-        self._fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        self._flushed = False
+        super().__init__(
+            os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666),
+            0,
+            WRITEBACK_BYTES,
+        )
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             self.abort()
             raise
-        self._written = 0
-        self._written_back = 0
-        self._start_writeback = _writeback_starter()
-
-    def write(self, data: bytes) -> None:
-        done = os.write(self._fd, data)
-        if done < len(data):
-            view = memoryview(data)
-            while done < len(data):
-                done += os.write(self._fd, view[done:])
-        self._wrote(len(data))
 
     def copy_from(self, source: int, length: int) -> None:
         """Append the first ``length`` bytes of the file open at ``source``, copied inside the
@@ -132,7 +177,7 @@ class _LocalSink(BlobSink):
             done = -1
             if kernel_copy:
                 try:
-                    done = os.copy_file_range(source, self._fd, count, offset)
+                    done = os.copy_file_range(source, self._fd, count, offset, self._written)
                 except OSError as exc:
                     if exc.errno not in _NO_KERNEL_COPY:
                         raise
@@ -147,26 +192,16 @@ class _LocalSink(BlobSink):
                 raise OSError(errno.EIO, "a part ended before its recorded size")
             offset += done
 
-    def _wrote(self, count: int) -> None:
-        self._written += count
-        pending = self._written - self._written_back
-        if self._start_writeback is not None and pending >= WRITEBACK_BYTES:
-            self._start_writeback(self._fd, self._written_back, pending)
-            self._written_back = self._written
+    def flush(self) -> None:
+        os.fsync(self._fd)
+        self._flushed = True
 
     def commit(self) -> None:
-        os.fsync(self._fd)
+        if not self._flushed:
+            os.fsync(self._fd)
         # The file stays open, and so locked, until it has its final name: a sweep never sees
         # an unlocked staging file that a put is about to rename.
-        for attempt in range(2):
-            _make_dirs_durable(self._final.parent, self._store.root)
-            try:
-                os.replace(self._staging, self._final)
-                break
-            except FileNotFoundError:
-                # A concurrent delete pruned the empty directory between mkdir and rename.
-                if attempt:
-                    raise
+        _rename_into_place(self._staging, self._final, self._store.root)
         self._close()
         _fsync_dir(self._final.parent)
 
@@ -178,6 +213,126 @@ class _LocalSink(BlobSink):
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
+
+
+class _AppendSink(_FileSink):
+    """An append at ``offset`` to a held growable blob of ``size`` bytes: what lay past the
+    offset is cut off on flush, which syncs; abort cuts the blob back to ``offset``. The file
+    belongs to the ``_LocalAppendTarget``, which closes it."""
+
+    def __init__(self, fd: int, offset: int, size: int) -> None:
+        super().__init__(fd, offset, APPEND_WRITEBACK_BYTES)
+        self._offset = offset
+        self._size = size
+
+    def flush(self) -> None:
+        if self._size > self._written:
+            os.ftruncate(self._fd, self._written)
+        os.fdatasync(self._fd)
+        self.commit_blocks = False
+
+    def commit(self) -> None:
+        # Durable since ``flush`` (then no I/O here); the caller's record of the blob's size
+        # is what makes the bytes count.
+        if self.commit_blocks:
+            self.flush()
+
+    def abort(self) -> None:
+        os.ftruncate(self._fd, self._offset)
+
+
+class _LocalAppendTarget(AppendTarget):
+    def __init__(self, key: str, fd: int) -> None:
+        self.key = key
+        self.size = os.fstat(fd).st_size
+        self._fd = fd
+
+    async def append(
+        self,
+        offset: int,
+        chunks: AsyncIterable[bytes],
+        *,
+        max_bytes: int | None = None,
+        sha256: Digest | None = None,
+        checks: Sequence[ByteCheck] = (),
+        then: Callable[[int], Awaitable[object]] | None = None,
+    ) -> StoredBlob:
+        sink = _AppendSink(self._fd, offset, self.size)
+        try:
+            stored = await fill_sink(
+                sink,
+                self.key,
+                chunks,
+                max_bytes=max_bytes,
+                allow_empty=True,
+                sha256=sha256,
+                checks=checks,
+                then=then,
+            )
+        except BaseException:
+            self.size = os.fstat(self._fd).st_size  # cut back, unless it failed after ``then``
+            raise
+        self.size = offset + stored.size
+        return stored
+
+
+def _open_held(path: Path, root: Path, key: str) -> int:
+    """Open (creating it durably if absent) and lock the growable blob at ``path``."""
+    while True:
+        _make_dirs_durable(path.parent, root)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            held = _hold_existing(path, key)
+            if held is not None:
+                return held
+            continue  # removed as we opened it
+        except FileNotFoundError:
+            continue  # a concurrent delete pruned the empty directory between mkdir and open
+        if _lock(fd, path, key):
+            _fsync_dir(path.parent)
+            return fd
+
+
+def _hold_existing(path: Path, key: str) -> int | None:
+    """Open and lock the growable blob at ``path`` if it exists (a few quick system calls, fit
+    for the event loop); None if it does not."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        if _lock(fd, path, key):
+            return fd
+
+
+def _lock(fd: int, path: Path, key: str) -> bool:
+    """Lock the open ``fd`` exclusively: True once held; ``Conflict`` if another holds it; False
+    (closed) if it is no longer the file at ``path``, removed by the holder it waited for."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _still_at(fd, path):
+            return True
+    except BlockingIOError:
+        os.close(fd)
+        raise Conflict(
+            "another request is writing to this upload now", detail={"key": key}
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return False
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the one at ``path``."""
+    held = os.fstat(fd)
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _leftover_if_unlocked(path: Path) -> StagedLeftover | None:
@@ -249,6 +404,7 @@ def _open_and_read(
 class LocalBlobStore(BlobStore):
     scheme = "file"
     lists_staging = True
+    appends_in_place = True
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -270,6 +426,32 @@ class LocalBlobStore(BlobStore):
         await self.stat(key)  # NotFound, like every other store
         return path
 
+    @contextlib.asynccontextmanager
+    async def appending(self, key: str) -> AsyncIterator[AppendTarget]:
+        # An exclusive flock, held until the end: any process on this machine is kept out.
+        path = self._path(key)
+        fd = _hold_existing(path, key)
+        if fd is None:
+            fd = await anyio.to_thread.run_sync(_open_held, path, self.root, key)
+        target = _LocalAppendTarget(key, fd)
+        try:
+            yield target
+        finally:
+            if target.size:
+                os.close(fd)
+            else:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._release_empty, fd, path)
+
+    def _release_empty(self, fd: int, path: Path) -> None:
+        """Close a held growable blob left empty, and remove it: an empty blob holds nothing an
+        absent one does not."""
+        try:
+            path.unlink(missing_ok=True)
+            self._prune_empty_dirs(path.parent)
+        finally:
+            os.close(fd)
+
     def _open_sink(self, key: str) -> BlobSink:
         return self._local_sink(key)
 
@@ -285,13 +467,45 @@ class LocalBlobStore(BlobStore):
         max_bytes: int | None = None,
         sizes: Sequence[int] | None = None,
     ) -> StoredBlob:
+        validate_key(key)
+        if len(parts) == 1:
+            size, digest = await anyio.to_thread.run_sync(
+                self._link, key, parts[0], max_bytes, sha256 is None
+            )
+            return StoredBlob(key=key, size=size, sha256=sha256 or digest)
         # The sizes come with the open files here. Without a hash the bytes must be read
         # anyway: the streaming default does both.
         if sha256 is None:
             return await super().compose(key, parts, max_bytes=max_bytes)
-        validate_key(key)
         size = await anyio.to_thread.run_sync(self._compose, key, parts, max_bytes)
         return StoredBlob(key=key, size=size, sha256=sha256)
+
+    def _link(self, key: str, part: str, max_bytes: int | None, hashing: bool) -> tuple[int, str]:
+        """One part: a hard link shares its bytes instead of copying them (a blob is never
+        changed in place, so the two stay the same); hashed first if ``hashing``."""
+        source = self._path(part)
+        fd = _open_regular(source, part)
+        try:
+            size = os.fstat(fd).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise too_large(max_bytes)
+            digest = hashlib.sha256()
+            offset = 0
+            while hashing and (data := _pread(fd, READ_CHUNK_BYTES, offset)):
+                digest.update(data)
+                offset += len(data)
+        finally:
+            os.close(fd)
+        final = self._path(key)
+        staging = self.staging / f"{uuid.uuid4().hex}.part"
+        os.link(source, staging)
+        try:
+            _rename_into_place(staging, final, self.root)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+        return size, digest.hexdigest()
 
     def _compose(self, key: str, parts: Sequence[str], max_bytes: int | None) -> int:
         sources: list[tuple[int, int]] = []

@@ -5,7 +5,8 @@ and a busy timeout so that the CLI and a running server can share one database f
 
 A database that cannot be reached (refused, dropped, gone mid-query) raises ``BackendUnavailable``
 from every statement on the engine, the job queue's included; the pool pings a connection before
-handing it out, so once the server is back the next statement reconnects by itself.
+handing it out, so once the server is back the next statement reconnects by itself. On PostgreSQL,
+searches run on an engine of their own, alike but for connections that stay in autocommit.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolResetState
 
 from voxvault.errors import (
     BackendUnavailable,
@@ -118,6 +119,16 @@ class _Pool(AsyncAdaptedQueuePool):
             raise BackendUnavailable(
                 "the database has no free connection now; try again shortly"
             ) from exc
+
+
+def _sqlite_reset(dbapi_connection: Any, _record: Any, state: PoolResetState) -> None:
+    """Roll back a transaction a returned connection left open, and only then: the pool's own
+    rollback on return is a round trip to aiosqlite's thread on every use, most often after a
+    commit, when there is nothing to roll back."""
+    if state.transaction_was_reset or not state.asyncio_safe:
+        return
+    if dbapi_connection.driver_connection.in_transaction:
+        dbapi_connection.rollback()
 
 
 def _sqlite_explicit_transactions(dbapi_connection: Any, _record: Any) -> None:
@@ -214,9 +225,11 @@ class SqlMetadataStore(MetadataStore):
                 "options": "-c plan_cache_mode=force_custom_plan",
             }
         in_memory = make_url(async_url).database in (None, "", ":memory:")
+        sqlite = self.dialect == "sqlite"
         self.engine: AsyncEngine = create_async_engine(
             async_url,
-            pool_pre_ping=self.dialect != "sqlite",
+            pool_pre_ping=not sqlite,
+            pool_reset_on_return=None if sqlite else "rollback",
             connect_args=connect_args,
             **({} if in_memory else {"poolclass": _Pool}),
         )
@@ -226,6 +239,24 @@ class SqlMetadataStore(MetadataStore):
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine.pool, "reset", _sqlite_reset)
+        # A search only reads: one SELECT, two when the index refreshes what it caches. On
+        # PostgreSQL it runs on connections of its own that stay in autocommit: no BEGIN and
+        # ROLLBACK round trips around it, and no switching of a connection's mode when it is
+        # checked out and returned (the pre-ping alone switches the engine's on and off again).
+        # SQLite begins no transaction for a SELECT, so its searches share the one engine.
+        self._search_engine = self.engine
+        if self.dialect != "sqlite":
+            self._search_engine = create_async_engine(
+                async_url,
+                isolation_level="AUTOCOMMIT",
+                pool_pre_ping=True,
+                connect_args=connect_args,
+                poolclass=_Pool,
+            )
+            event.listen(
+                self._search_engine.sync_engine, "handle_error", _unreachable_is_unavailable
+            )
         self.search_index = _search_index(self.dialect)
 
     @classmethod
@@ -264,6 +295,8 @@ class SqlMetadataStore(MetadataStore):
             raise BackendUnavailable(f"the database is unreachable: {exc}") from exc
 
     async def close(self) -> None:
+        if self._search_engine is not self.engine:
+            await self._search_engine.dispose()
         await self.engine.dispose()
 
     # ---- recordings ---------------------------------------------------------------------------
@@ -598,7 +631,7 @@ class SqlMetadataStore(MetadataStore):
                 created_after=filters.created_after and _utc(filters.created_after),
                 created_before=filters.created_before and _utc(filters.created_before),
             )
-        async with self.engine.connect() as conn:
+        async with self._search_engine.connect() as conn:
             return await self.search_index.search(
                 conn, workspace, query, filters, offset=offset, limit=limit, per_group=per_group
             )

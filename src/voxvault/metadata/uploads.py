@@ -1,7 +1,8 @@
 """The UploadStore port: the state of resumable uploads, shared by every API process.
 
-An upload's bytes are part blobs (``uploads/{id}/parts/{name}``); its row lists the parts that
-are durable, in order, and the offset they add up to. The offset moves only by a conditional
+An upload's bytes are part blobs (``uploads/{id}/parts/{name}``): one per chunk, or one grown in
+place where the blob store can; its row lists the parts that are durable, in order, with their
+sizes, and the offset they add up to. The offset moves only by a conditional
 update (``append_part``), so of two processes writing at the same offset exactly one wins.
 
 ::
@@ -38,7 +39,8 @@ class UploadStatus(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class UploadPart:
     name: str
-    """The blob's name under ``uploads/{id}/parts/``; unique, so racing writers never share one."""
+    """The blob's name under ``uploads/{id}/parts/``: a new one per chunk, so racing writers
+    never share one, or the same one for every chunk of a blob grown in place (under a lock)."""
     size: int
 
 
@@ -74,16 +76,11 @@ class UploadStore(ABC):
 
     @abstractmethod
     async def append_part(
-        self,
-        workspace: str,
-        upload_id: str,
-        *,
-        expected_offset: int,
-        part: UploadPart,
-        now: datetime,
-        expires_at: datetime,
+        self, current: Upload, part: UploadPart, *, now: datetime, expires_at: datetime
     ) -> Upload | None:
-        """Add a durable part at ``expected_offset`` and move the offset past it, atomically.
+        """Add a durable part at ``current.offset`` and move the offset past it, atomically;
+        ``current`` is the upload as the caller read it. A part named as the last one extends
+        it (a blob grown in place).
 
         Only while the upload is ``active``, unexpired at ``now`` and still at that offset;
         otherwise nothing changes and the answer is None. The part that fills the upload makes
@@ -202,34 +199,28 @@ class SqlUploadStore(UploadStore):
             return await self._fetch(conn, workspace, upload_id)
 
     async def append_part(
-        self,
-        workspace: str,
-        upload_id: str,
-        *,
-        expected_offset: int,
-        part: UploadPart,
-        now: datetime,
-        expires_at: datetime,
+        self, current: Upload, part: UploadPart, *, now: datetime, expires_at: datetime
     ) -> Upload | None:
-        try:
-            current = await self.get_upload(workspace, upload_id)
-        except NotFound:
-            return None
+        expected_offset = current.offset
         offset = expected_offset + part.size
         if (
             current.status is not UploadStatus.ACTIVE
-            or current.offset != expected_offset
             or current.expires_at <= now
             or offset > current.length
         ):
             return None
+        workspace, upload_id = current.workspace, current.id
         status = UploadStatus.COMPLETING if offset == current.length else UploadStatus.ACTIVE
-        parts = (*current.parts, part)
-        # The WHERE repeats what was read: the parts change only with the offset and the status,
-        # so a writer that got in between has moved one of them and this update changes nothing
-        # (PostgreSQL re-checks the WHERE after waiting for that writer's row lock; SQLite runs
-        # one writer at a time). The read stays outside the write transaction, since SQLite
-        # cannot turn a read transaction that another writer overtook into a write.
+        if current.parts and current.parts[-1].name == part.name:
+            last = current.parts[-1]
+            parts = (*current.parts[:-1], UploadPart(name=part.name, size=last.size + part.size))
+        else:
+            parts = (*current.parts, part)
+        # The WHERE repeats what the caller read: the parts change only with the offset and the
+        # status, so a writer that got in between has moved one of them and this update changes
+        # nothing (PostgreSQL re-checks the WHERE after waiting for that writer's row lock;
+        # SQLite runs one writer at a time). The read stays outside the write transaction,
+        # since SQLite cannot turn a read transaction that another writer overtook into a write.
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 uploads.update()

@@ -45,7 +45,6 @@ class SearchFilters:
 class IndexHit:
     recording_id: str
     recording_title: str | None
-    recording_created_at: datetime
     has_playback: bool
     """Whether the recording has its Opus playback rendition."""
     start: float

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from voxvault.errors import InvalidRequest
 from voxvault.models import SearchGroup, SearchGroupPage, SearchHit, SearchPage, SearchRequest
-from voxvault.search.base import HIGHLIGHT_END, HIGHLIGHT_START, IndexHit, SearchFilters
+from voxvault.search.base import HIGHLIGHT_END, HIGHLIGHT_START, SearchFilters
 from voxvault.search.query import parse_query
 
 if TYPE_CHECKING:
@@ -84,11 +84,11 @@ async def search_library(
         per_group=request.per_group if grouped else None,
     )
 
-    async def hit(found: IndexHit) -> SearchHit:
-        link = await vault.sign_playback(
-            found.recording_id, has_rendition=found.has_playback, base_url=base_url
-        )
-        return SearchHit(
+    links = await vault.sign_playbacks(
+        [(found.recording_id, found.has_playback) for found in page.hits], base_url=base_url
+    )
+    hits = [
+        SearchHit(
             recording_id=found.recording_id,
             recording_title=found.recording_title,
             start=found.start,
@@ -96,10 +96,13 @@ async def search_library(
             speaker=found.speaker,
             text=found.text,
             snippet=highlight(found.snippet),
-            playback_url=f"{link.url}#t={_seconds(found.start)},{_seconds(found.end)}",
+            playback_url=(
+                f"{links[found.recording_id, found.has_playback].url}"
+                f"#t={_seconds(found.start)},{_seconds(found.end)}"
+            ),
         )
-
-    hits = [await hit(found) for found in page.hits]
+        for found in page.hits
+    ]
     counted = page.groups if grouped else page.total
     more = offset + request.limit < counted
     next_cursor = encode_cursor(offset + request.limit, request) if more else None

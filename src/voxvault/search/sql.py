@@ -10,9 +10,11 @@ ranks and pages those in SQL and asks ``_snippet`` for the page's snippets only.
 
 from __future__ import annotations
 
+import operator
 from abc import abstractmethod
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -61,11 +63,32 @@ SELECT page.*, {snippet} AS snippet FROM page ORDER BY grp, nth
 """
 
 _TIMES = {"created_after", "created_before"}
+# The columns IndexHit is made of, in the order of its fields.
+_HIT_COLUMNS = (
+    "recording_id",
+    "title",
+    "has_playback",
+    "start",
+    "end",
+    "speaker",
+    "text",
+    "snippet",
+    "grp",
+)
 
 
 def language_prefix(language: str) -> str:
     """``en`` for ``en``, ``en-US`` and ``EN-gb``: what the language filter compares."""
     return language.split("-", 1)[0].lower()
+
+
+@lru_cache(maxsize=256)
+def _text_statement(sql: str, times: frozenset[str]) -> sa.TextClause:
+    """The statement for ``sql``, made once per text: a statement object SQLAlchemy has run
+    before finds its compiled form without taking the text apart again. No result column is
+    typed (``created_at`` only orders), so the result needs no matching of columns by name."""
+    bound = (sa.bindparam(name, type_=UTCDateTime()) for name in sorted(times))
+    return sa.text(sql).bindparams(*bound)
 
 
 class SqlSearchIndex(SearchIndex):
@@ -153,21 +176,14 @@ class SqlSearchIndex(SearchIndex):
         statement, values = await self.statement(
             conn, workspace, query, filters, offset=offset, limit=limit, per_group=per_group
         )
-        rows = (await conn.execute(statement, values)).all()
+        result = await conn.execute(statement, values)
+        # By position: looking a Row's columns up by name costs more than making the hit.
+        keys = list(result.keys())
+        pick = operator.itemgetter(*(keys.index(name) for name in _HIT_COLUMNS))
+        rows = result.all()
         hits = [
-            IndexHit(
-                recording_id=row.recording_id,
-                recording_title=row.title,
-                recording_created_at=row.created_at,
-                has_playback=bool(row.has_playback),
-                start=row.start,
-                end=row.end,
-                speaker=row.speaker,
-                text=row.text,
-                snippet=row.snippet or row.text,
-                group=row.grp,
-            )
-            for row in rows
+            IndexHit(rid, title, bool(playback), start, end, who, text, snippet or text, grp)
+            for rid, title, playback, start, end, who, text, snippet, grp in map(pick, rows)
         ]
         total = rows[0].total if rows else 0
         groups = rows[0].groups if rows else 0
@@ -185,16 +201,14 @@ class SqlSearchIndex(SearchIndex):
         offset: int,
         limit: int,
         per_group: int | None = None,
-    ) -> tuple[sa.TextualSelect, dict[str, Any]]:
+    ) -> tuple[sa.TextClause, dict[str, Any]]:
         """The one SQL statement ``search`` runs, and its values (benchmarks run it bare)."""
         where, params = self._filters(filters)
         candidates, match_params = await self._candidates(conn, query, filters, where)
         template = _PAGE if per_group is None else _GROUPED_PAGE
-        times = (sa.bindparam(name, type_=UTCDateTime()) for name in _TIMES & params.keys())
-        statement = (
-            sa.text(template.format(candidates=candidates, snippet=self._snippet()))
-            .bindparams(*times)
-            .columns(created_at=UTCDateTime())
+        statement = _text_statement(
+            template.format(candidates=candidates, snippet=self._snippet()),
+            frozenset(_TIMES & params.keys()),
         )
         values: dict[str, Any] = {
             "workspace": workspace,
