@@ -21,8 +21,10 @@ Run alone: ``.venv/bin/python -m bench.tus_upload [--size-mib N] [--rounds N] [-
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import time
@@ -47,6 +49,7 @@ from bench.common import (
     proc_status_bytes,
     raise_on_sigterm,
     require_tools,
+    run_tool,
     scratch_dir,
     voxvault_server,
     write_wav,
@@ -54,6 +57,9 @@ from bench.common import (
 from bench.report import Row, Table, render_text
 from bench.s3_upload import _empty_bucket as empty_bucket
 from bench.s3_upload import _store as s3_store
+from voxvault.api.routers.tus import PREFIX as TUS_PREFIX
+from voxvault.api.routers.tus import RECORDING_ID_HEADER, TUS_VERSION
+from voxvault.checksums import new_digest
 from voxvault.client import VaultClient
 from voxvault.tus_client import DEFAULT_CHUNK_BYTES, UploadUrlStore
 
@@ -62,7 +68,7 @@ BACKENDS = ("local", "s3")
 FILE_BYTES = 256 * MiB
 BIG_BYTES = 2 * GiB
 CHUNK_BYTES = DEFAULT_CHUNK_BYTES
-ROUNDS = 3
+ROUNDS = 5
 RATIO_GOAL = 0.70
 FLAT_GOAL = 1.10  # peak RSS of the big upload / of the smaller ones
 TOOL_TIMEOUT_S = 1800.0  # moto takes its time with gigabytes
@@ -83,6 +89,9 @@ class Upload:
 class Round:
     plain: Upload
     tus: Upload
+    """tus driven by curl, the baseline's client."""
+    tus_client: Upload
+    """tus driven by ``VaultClient`` (Python)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +131,10 @@ class BackendResult:
     @property
     def ratio(self) -> float:
         return self.tus_mb_s / self.plain_mb_s
+
+    @property
+    def client_mb_s(self) -> float:
+        return self._mb_s([r.tus_client.seconds for r in self.rounds])
 
     @property
     def small_hwm_bytes(self) -> float:
@@ -175,6 +188,13 @@ class BackendResult:
                 "met" if self.ratio >= RATIO_GOAL else "**missed**",
             ),
             Row(
+                f"{self.backend}: throughput, {size:,} MiB, tus by `VaultClient` (Python) "
+                "instead of curl (MB/s)",
+                fmt(self.plain_mb_s),
+                fmt(self.client_mb_s),
+                self.client_mb_s / self.plain_mb_s,
+            ),
+            Row(
                 f"{self.backend}: server peak RSS (VmHWM, MB), tus {size:,} MiB → {big:,} MiB",
                 fmt(self.small_hwm_bytes / MB),
                 fmt(self.big.hwm_bytes / MB),
@@ -187,8 +207,9 @@ class BackendResult:
     def notes(self) -> list[str]:
         per_round = "; ".join(
             f"round {i}: plain {fmt(mb_per_s(self.file_bytes, r.plain.seconds))}, tus "
-            f"{fmt(mb_per_s(self.file_bytes, r.tus.seconds))} MB/s (final chunk "
-            f"{r.tus.final_seconds:.1f} s of {r.tus.seconds:.1f} s)"
+            f"{fmt(mb_per_s(self.file_bytes, r.tus.seconds))} (final chunk "
+            f"{r.tus.final_seconds:.2f} s of {r.tus.seconds:.2f} s), tus by VaultClient "
+            f"{fmt(mb_per_s(self.file_bytes, r.tus_client.seconds))} MB/s"
             for i, r in enumerate(self.rounds, 1)
         )
         best = min(self.rounds, key=lambda r: r.tus.seconds).tus
@@ -210,8 +231,8 @@ class BackendResult:
         notes = [
             *durability,
             f"{self.backend}: in the best tus round the chunks before the final one arrived at "
-            f"{fmt(chunks_mb_s)} MB/s, and the final one took {best.final_seconds:.1f} s of "
-            f"{best.seconds:.1f} s: the completion, where the server makes the recording of the "
+            f"{fmt(chunks_mb_s)} MB/s, and the final one took {best.final_seconds:.2f} s of "
+            f"{best.seconds:.2f} s: the completion, where the server makes the recording of the "
             "stored chunks and probes it.",
             f"{self.backend}: the {self.big_bytes // MiB:,} MiB tus upload took "
             f"{self.big.seconds:.1f} s ({fmt(mb_per_s(self.big_bytes, self.big.seconds))} MB/s); "
@@ -221,6 +242,7 @@ class BackendResult:
         for side, seconds in (
             ("plain", [r.plain.seconds for r in self.rounds]),
             ("tus", [r.tus.seconds for r in self.rounds]),
+            ("VaultClient tus", [r.tus_client.seconds for r in self.rounds]),
         ):
             if len(seconds) > 1 and max(seconds) > SPREAD_WARNING * min(seconds):
                 notes.append(
@@ -260,14 +282,19 @@ class TusUploadResult:
             intro=(
                 f"A {size:,} MiB WAV goes to a fresh `voxvault serve --workers 0` process "
                 "(`transcribe=false`), on the local backend and on S3 (moto's standalone "
-                "server on loopback): by `curl -T` to `POST /v1/recordings` (baseline), and "
-                f"over tus by `VaultClient.upload_resumable` in {CHUNK_BYTES // MiB} MiB "
-                "PATCHes with a crc32c `Upload-Checksum` each (the client's default), timed "
-                "until the final chunk "
-                "answers with the recording (the server turns the stored chunks into the "
-                f"recording first). Best of {len(measured[0].rounds) if measured else ROUNDS} "
-                f"rounds in alternating order. Memory: the server's peak RSS during a {big:,} "
-                f"MiB tus upload against its peak during the {size:,} MiB ones."
+                "server on loopback), three ways, each driven by a client of its own: by "
+                "`curl -T` to `POST /v1/recordings` (baseline); over tus by curl, the same "
+                "client as the baseline's (a `POST` creating the upload, then one curl on one "
+                f"connection sending {CHUNK_BYTES // MiB} MiB PATCHes, each with its CRC-32C "
+                "`Upload-Checksum`, computed before the clock starts); and over tus by "
+                "`VaultClient.upload_resumable`, VoxVault's Python client, which computes the "
+                "checksums as it sends. Each tus upload is timed until the final chunk answers "
+                "with the recording (the server turns the stored chunks into the recording "
+                "first). Before each upload the machine's dirty pages are synced, so that no "
+                "upload pays for the writeback of the one before. Best of "
+                f"{len(measured[0].rounds) if measured else ROUNDS} rounds in rotating order. "
+                f"Memory: the server's peak RSS during a {big:,} MiB tus upload (by "
+                f"`VaultClient`) against its peak during the {size:,} MiB ones."
             ),
             rows=rows,
             notes=[
@@ -276,9 +303,9 @@ class TusUploadResult:
                 "copy), which is then probed as a plain upload is. On S3 each chunk is a part "
                 "object, joined inside S3 at completion (UploadPartCopy). The recording's "
                 "sha256 is taken as the chunks arrive; each chunk's CRC-32C is computed by the "
-                "client and verified by the server besides. The client is Python (httpx) and "
-                "the baseline's is curl; all of them, and moto, share the machine's CPUs with "
-                "other work.",
+                "client and verified by the server besides. The clients, the server and moto "
+                "share the machine's two CPUs: the Python client takes about twice curl's CPU "
+                "per chunk, which the server then lacks.",
                 *notes,
             ],
         )
@@ -299,10 +326,76 @@ def _plain_upload(base_url: str, source: Path, response: Path) -> str:
     if status != "201":
         raise BenchError(f"the plain upload answered {status}: {body[:500]}")
     recording: dict[str, object] = json.loads(body)
-    return str(recording["sha256"])
+    return str(recording["id"])
 
 
-def _tus_upload(base_url: str, source: Path, store: Path) -> tuple[str, float]:
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    offset: int
+    path: Path
+    crc32c: str
+    """The ``Upload-Checksum`` value: base64 of the chunk's CRC-32C."""
+
+
+def _split(source: Path, into: Path) -> list[Chunk]:
+    """``source`` cut into ``CHUNK_BYTES`` files for curl, with their checksums."""
+    into.mkdir()
+    chunks: list[Chunk] = []
+    with source.open("rb") as reader:
+        while data := reader.read(CHUNK_BYTES):
+            path = into / f"chunk-{len(chunks):05d}"
+            path.write_bytes(data)
+            digest = new_digest("crc32c")
+            digest.update(data)
+            offset = len(chunks) * CHUNK_BYTES
+            chunks.append(Chunk(offset, path, base64.b64encode(digest.digest()).decode()))
+    return chunks
+
+
+def _curl(*args: str) -> str:
+    return run_tool(
+        ["curl", "-sS", "--noproxy", "*", "--max-time", str(int(TOOL_TIMEOUT_S)), *args],
+        timeout=TOOL_TIMEOUT_S + 30,
+    )
+
+
+def _curl_tus_upload(base_url: str, source: Path, chunks: Sequence[Chunk]) -> tuple[str, float]:
+    """The tus upload by curl: (recording id, seconds the final chunk took)."""
+    metadata = ",".join(
+        f"{key} {base64.b64encode(value.encode()).decode()}"
+        for key, value in (("filename", source.name), ("transcribe", "false"))
+    )
+    created = _curl(
+        *("-X", "POST", "-o", "/dev/null", "-w", "%{http_code} %header{location}"),
+        *("-H", f"Tus-Resumable: {TUS_VERSION}", "-H", f"Upload-Length: {source.stat().st_size}"),
+        *("-H", f"Upload-Metadata: {metadata}"),
+        f"{base_url}{TUS_PREFIX}",
+    ).split()
+    if len(created) != 2 or created[0] != "201":
+        raise BenchError(f"creating the tus upload answered {created}")
+    location = httpx.URL(base_url).join(created[1])
+    patches: list[str] = []
+    for chunk in chunks:
+        patches += ["--next"] if patches else []
+        patches += [
+            *("-X", "PATCH", "-T", str(chunk.path), "-o", "/dev/null"),
+            *("-w", "%{http_code} %{time_total} %header{" + RECORDING_ID_HEADER + "}\n"),
+            # No `Expect: 100-continue` round trip before each chunk: tus clients send at once.
+            *("-H", "Expect:", "-H", f"Tus-Resumable: {TUS_VERSION}"),
+            *("-H", "Content-Type: application/offset+octet-stream"),
+            *("-H", f"Upload-Offset: {chunk.offset}"),
+            *("-H", f"Upload-Checksum: crc32c {chunk.crc32c}"),
+            str(location),
+        ]
+    answers = [line.split() for line in _curl(*patches).splitlines()]
+    if len(answers) != len(chunks) or any(answer[0] != "204" for answer in answers):
+        raise BenchError(f"the tus chunks answered {[answer[0] for answer in answers]}")
+    if len(answers[-1]) != 3:
+        raise BenchError("the final chunk named no recording")
+    return answers[-1][2], float(answers[-1][1])
+
+
+def _client_tus_upload(base_url: str, source: Path, store: Path) -> tuple[str, float]:
     """(sha256 stored, seconds the final chunk took)."""
     answered: list[float] = [time.perf_counter()]
 
@@ -316,27 +409,41 @@ def _tus_upload(base_url: str, source: Path, store: Path) -> tuple[str, float]:
                 url_store=UploadUrlStore(store),
                 on_chunk=lambda _: answered.append(time.perf_counter()),
             )
-        return str(recording["sha256"])
+        return str(recording["id"])
 
-    sha256 = anyio.run(upload)
-    return sha256, answered[-1] - answered[-2]
+    recording_id = anyio.run(upload)
+    return recording_id, answered[-1] - answered[-2]
 
 
 def _time_upload(
-    kind: str, source: Path, sha256: str, workdir: Path, env: Mapping[str, str], name: str
+    kind: str,
+    source: Path,
+    sha256: str,
+    workdir: Path,
+    env: Mapping[str, str],
+    name: str,
+    chunks: Sequence[Chunk] = (),
 ) -> Upload:
+    """``kind``: ``plain``, ``tus`` (by curl, over ``chunks``) or ``tus_client``."""
     data_dir = workdir / f"data-{name}"
     with voxvault_server(
         data_dir, workdir / f"server-{name}.log", serve_args=["--workers", "0"], env=env
     ) as server:
+        # No upload pays for the writeback of the one before.
+        os.sync()
         started = time.perf_counter()
         final_s = 0.0
         if kind == "plain":
-            stored = _plain_upload(server.base_url, source, workdir / f"response-{name}.json")
+            recording_id = _plain_upload(server.base_url, source, workdir / f"response-{name}.json")
+        elif kind == "tus":
+            recording_id, final_s = _curl_tus_upload(server.base_url, source, chunks)
         else:
-            stored, final_s = _tus_upload(server.base_url, source, workdir / "uploads.json")
+            store = workdir / "uploads.json"
+            recording_id, final_s = _client_tus_upload(server.base_url, source, store)
         elapsed = time.perf_counter() - started
         hwm = proc_status_bytes(server.pid, "VmHWM")
+        answer = httpx.get(f"{server.base_url}/v1/recordings/{recording_id}", timeout=30)
+        stored = str(answer.json()["sha256"])
     if stored != sha256:
         raise BenchError(f"the {kind} upload stored other bytes than were sent")
     return Upload(elapsed, hwm, final_s)
@@ -362,28 +469,27 @@ def _measure(
         source = workdir / "upload.wav"
         log(f"[tus] {backend}: writing a {file_bytes // MiB} MiB WAV")
         sha256 = write_wav(source, file_bytes)
+        chunks = _split(source, workdir / "chunks")
         results: list[Round] = []
+        kinds = ("plain", "tus", "tus_client")
         for number in range(1, rounds + 1):
-            order = ("plain", "tus") if number % 2 else ("tus", "plain")
-            timed = {
-                kind: _time_upload(kind, source, sha256, workdir, env, f"{backend}-{kind}-{number}")
-                for kind in order
-            }
+            order = kinds[number % 3 :] + kinds[: number % 3]
+            timed: dict[str, Upload] = {}
             for kind in order:
-                shutil.rmtree(workdir / f"data-{backend}-{kind}-{number}")
-            empty()
-            results.append(Round(timed["plain"], timed["tus"]))
-            log(
-                f"[tus] {backend} round {number}: plain "
-                f"{fmt(mb_per_s(file_bytes, timed['plain'].seconds))} MB/s, tus "
-                f"{fmt(mb_per_s(file_bytes, timed['tus'].seconds))} MB/s; server peak RSS "
-                f"{fmt(timed['plain'].hwm_bytes / MB)} / {fmt(timed['tus'].hwm_bytes / MB)} MB"
-            )
+                name = f"{backend}-{kind}-{number}"
+                timed[kind] = _time_upload(kind, source, sha256, workdir, env, name, chunks)
+                shutil.rmtree(workdir / f"data-{name}")
+                empty()
+            results.append(Round(timed["plain"], timed["tus"], timed["tus_client"]))
+            speeds = ", ".join(f"{k} {fmt(mb_per_s(file_bytes, timed[k].seconds))}" for k in kinds)
+            peaks = " / ".join(fmt(timed[k].hwm_bytes / MB) for k in kinds)
+            log(f"[tus] {backend} round {number}: {speeds} MB/s; server peak RSS {peaks} MB")
+        shutil.rmtree(workdir / "chunks")
         source.unlink()
         big_source = workdir / "big.wav"
         log(f"[tus] {backend}: writing a {big_bytes // MiB} MiB WAV")
         big_sha256 = write_wav(big_source, big_bytes)
-        big = _time_upload("tus", big_source, big_sha256, workdir, env, f"{backend}-big")
+        big = _time_upload("tus_client", big_source, big_sha256, workdir, env, f"{backend}-big")
         shutil.rmtree(workdir / f"data-{backend}-big")
         empty()
         big_source.unlink()

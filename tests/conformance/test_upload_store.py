@@ -93,8 +93,23 @@ async def test_parts_move_the_offset_only_from_the_expected_one(store: UploadSto
     assert (last.offset, last.status) == (100, UploadStatus.COMPLETING)
     stored = await store.get_upload(WS, upload.id)
     assert [p.size for p in stored.parts] == [40, 60]
-    assert stored.parts == last.parts
+    assert stored == last  # the row reads back as the store said it wrote it
     assert await append(store, upload, 100, 1) is None
+
+
+async def test_an_appended_row_s_times_compare_as_every_other_statement_s(
+    store: UploadStore,
+) -> None:
+    upload = await new_upload(store)
+    at = NOW  # whole seconds: stored in another format, they would sort before equal times
+    appended = await store.append_part(
+        upload, UploadPart(name="a", size=10), now=at, expires_at=at + timedelta(seconds=1)
+    )
+    assert appended == await store.get_upload(WS, upload.id)
+    # Times written by the append compare with times written by every other statement.
+    listed = await store.list_expired_uploads(at + timedelta(seconds=1, microseconds=1))
+    assert [u.id for u in listed] == [upload.id]
+    assert await store.list_expired_uploads(at + timedelta(seconds=1)) == []
 
 
 async def test_of_racing_parts_at_one_offset_exactly_one_lands(store: UploadStore) -> None:

@@ -15,8 +15,9 @@ update (``append_part``), so of two processes writing at the same offset exactly
 from __future__ import annotations
 
 import enum
+import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from voxvault.errors import NotFound
+from voxvault.errors import BackendUnavailable, NotFound
 from voxvault.metadata.base import MetadataStore
 from voxvault.metadata.tables import uploads
 
@@ -157,11 +158,53 @@ def _parts_json(parts: Sequence[UploadPart]) -> list[dict[str, Any]]:
     return [{"name": p.name, "size": p.size} for p in parts]
 
 
+_APPEND_COLUMNS = ("upload_offset", "parts", "status", "updated_at", "expires_at")
+_SQLITE_APPEND = (
+    "UPDATE uploads SET upload_offset = ?, parts = ?, status = ?, updated_at = ?, expires_at = ? "
+    "WHERE id = ? AND workspace_id = ? AND upload_offset = ? AND status = ? AND expires_at > ?"
+)
+
+
+class _SqliteAppend:
+    """``append_part``'s update on SQLite in two round trips to aiosqlite's thread (the
+    statement, the commit) where SQLAlchemy takes five (cursor, statement, cursor close,
+    commit...): it runs once per stored chunk, and the chunk's answer waits for it. The values
+    are encoded by the columns' own types, so the row reads back as any other."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        columns = (*_APPEND_COLUMNS, "id", "workspace_id", "upload_offset", "status", "expires_at")
+        self._encoders = [self._encoder(uploads.c[name].type, engine.dialect) for name in columns]
+
+    @staticmethod
+    def _encoder(column_type: sa.types.TypeEngine[Any], dialect: Any) -> Callable[[Any], Any]:
+        process: Callable[[Any], Any] | None = column_type.dialect_impl(dialect).bind_processor(
+            dialect
+        )
+        return process if process is not None else (lambda value: value)
+
+    async def __call__(self, *values: Any) -> int:
+        """Run the update with ``values`` for its ``?`` in order; the rows it changed."""
+        params = [encode(value) for encode, value in zip(self._encoders, values, strict=True)]
+        async with self.engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            try:
+                cursor = await driver.execute(_SQLITE_APPEND, params)
+                await driver.commit()
+            except sqlite3.OperationalError as exc:
+                # Busy past the busy timeout, or the disk failing: the pool rolls back.
+                raise BackendUnavailable(f"the database could not record the chunk: {exc}") from exc
+            changed: int = cursor.rowcount
+            return changed
+
+
 class SqlUploadStore(UploadStore):
     """Upload rows on the metadata store's own SQLAlchemy engine (SQLite or PostgreSQL)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._sqlite_append = _SqliteAppend(engine) if engine.dialect.name == "sqlite" else None
 
     @staticmethod
     def _row(workspace: str, upload_id: str) -> sa.ColumnElement[bool]:
@@ -221,25 +264,26 @@ class SqlUploadStore(UploadStore):
         # nothing (PostgreSQL re-checks the WHERE after waiting for that writer's row lock;
         # SQLite runs one writer at a time). The read stays outside the write transaction,
         # since SQLite cannot turn a read transaction that another writer overtook into a write.
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                uploads.update()
-                .where(
-                    self._row(workspace, upload_id),
-                    uploads.c.upload_offset == expected_offset,
-                    uploads.c.status == UploadStatus.ACTIVE.value,
-                    uploads.c.expires_at > now,
-                )
-                .values(
-                    upload_offset=offset,
-                    parts=_parts_json(parts),
-                    status=status.value,
-                    updated_at=now,
-                    expires_at=expires_at,
-                )
+        values = (offset, _parts_json(parts), status.value, now, expires_at)
+        if self._sqlite_append is not None:
+            changed = await self._sqlite_append(
+                *values, upload_id, workspace, expected_offset, UploadStatus.ACTIVE.value, now
             )
-            if result.rowcount != 1:
-                return None
+        else:
+            async with self.engine.begin() as conn:
+                result = await conn.execute(
+                    uploads.update()
+                    .where(
+                        self._row(workspace, upload_id),
+                        uploads.c.upload_offset == expected_offset,
+                        uploads.c.status == UploadStatus.ACTIVE.value,
+                        uploads.c.expires_at > now,
+                    )
+                    .values(dict(zip(_APPEND_COLUMNS, values, strict=True)))
+                )
+                changed = result.rowcount
+        if changed != 1:
+            return None
         return replace(
             current,
             offset=offset,
