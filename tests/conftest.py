@@ -8,8 +8,10 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
 import httpx
 import psutil
 import pytest
@@ -62,6 +64,27 @@ def stored_files(data_dir: Path) -> list[Path]:
     """Every file under the blob store, staging included: what a refused request must not leave."""
     blobs = data_dir / "blobs"
     return sorted(p for p in blobs.rglob("*") if p.is_file()) if blobs.exists() else []
+
+
+@contextmanager
+def within(seconds: float, awaited: str) -> Iterator[None]:
+    """Fail the test, saying what it was waiting for, when the block (in an async test) has not
+    finished within ``seconds``: it is cancelled then, instead of waiting forever."""
+    with anyio.move_on_after(seconds) as scope:
+        yield
+    if scope.cancelled_caught:
+        pytest.fail(f"still waiting after {seconds} s for {awaited}")
+
+
+def run_voxvault(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``voxvault <args>`` in a child process, killed and the test failed if it has not
+    exited within ``timeout`` (a command that follows a server waits as long as the server
+    lets it)."""
+    command = [str(VOXVAULT_BIN), *args]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"voxvault {' '.join(args)} had not exited after {timeout} s")
 
 
 def free_port() -> int:

@@ -119,12 +119,14 @@ def speak(text: str, path: Path, *, rate: int = 16000, words_per_minute: int = 1
         ["espeak-ng", "-v", "en-us", "-s", str(words_per_minute), "-w", str(raw), text],
         check=True,
         capture_output=True,
+        timeout=120,
     )
     subprocess.run(
         # -D: no dither, so the same text always makes the same bytes (and the same transcript).
         ["sox", "-D", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)],
         check=True,
         capture_output=True,
+        timeout=120,
     )
     raw.unlink()
     return path

@@ -51,6 +51,7 @@ API_HOST = "voxvault.test"  # the scale-out client's base host; its transport pi
 WORKSPACE = "default"
 JOB_LEASE_S = 10
 FINISHED_JOBS = {"succeeded", "failed", "cancelled"}
+CLEANUP_S = 120
 
 RawResponse = tuple[int, dict[bytes, bytes], bytes]
 
@@ -341,6 +342,7 @@ async def delete_every_recording(client: httpx.AsyncClient) -> None:
         response = await client.delete(f"/v1/recordings/{recording_id}")
         assert response.status_code in (204, 404), response.text
 
+    deadline = time.monotonic() + CLEANUP_S
     while True:
         listing = await client.get("/v1/recordings", params={"limit": 500})
         assert listing.status_code == 200, listing.text
@@ -350,6 +352,9 @@ async def delete_every_recording(client: httpx.AsyncClient) -> None:
                 deleting.start_soon(delete, item["id"])
         if page["next_cursor"] is None:
             return
+        assert time.monotonic() < deadline, (
+            f"recordings still listed after {CLEANUP_S} s of deleting them: {page['items'][:5]}"
+        )
 
 
 async def wait_for_jobs_to_finish(

@@ -163,6 +163,7 @@ async def test_list_pages_newest_first_with_cursor(client: httpx.AsyncClient) ->
         assert set(page) == {"items", "next_cursor"}
         assert len(page["items"]) <= 3
         seen += [item["id"] for item in page["items"]]
+        assert len(seen) <= len(ids), f"the pages never end: {seen}"
         cursor = page["next_cursor"]
         if cursor is None:
             break

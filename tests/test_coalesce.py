@@ -6,6 +6,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from tests.conftest import within
 from voxvault.coalesce import Coalescer
 
 pytestmark = pytest.mark.anyio
@@ -35,11 +36,12 @@ async def test_concurrent_callers_share_one_read() -> None:
     async def ask() -> None:
         results.append(await shared.get("rec-1", read))
 
-    async with anyio.create_task_group() as group:
-        for _ in range(50):
-            group.start_soon(ask)
-        await anyio.sleep(0.05)
-        release.set()
+    with within(30, "the callers of the shared read"):
+        async with anyio.create_task_group() as group:
+            for _ in range(50):
+                group.start_soon(ask)
+            await anyio.sleep(0.05)
+            release.set()
     assert reads == 1
     assert results == [1] * 50
 
@@ -98,21 +100,23 @@ async def test_a_cancelled_reader_leaves_no_read_behind_for_others() -> None:
         return 5
 
     got: list[int] = []
-    async with anyio.create_task_group() as group:
-        reader = anyio.CancelScope()
+    # A read kept after its reader was cancelled would leave the second caller waiting.
+    with within(30, "the second caller's own read"):
+        async with anyio.create_task_group() as group:
+            reader = anyio.CancelScope()
 
-        async def first() -> None:
-            with reader:
-                await shared.get("rec-1", slow)
+            async def first() -> None:
+                with reader:
+                    await shared.get("rec-1", slow)
 
-        async def second() -> None:
+            async def second() -> None:
+                await started.wait()
+                got.append(await shared.get("rec-1", quick))
+
+            group.start_soon(first)
+            group.start_soon(second)
             await started.wait()
-            got.append(await shared.get("rec-1", quick))
-
-        group.start_soon(first)
-        group.start_soon(second)
-        await started.wait()
-        await anyio.sleep(0.01)
-        reader.cancel()
+            await anyio.sleep(0.01)
+            reader.cancel()
     assert got == [5]
     assert calls == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from voxvault.errors import Conflict, PayloadTooLarge
 pytestmark = pytest.mark.anyio
 
 KEY = "uploads/u/parts/grown"
+HOLDER_TIMEOUT_S = 60
 
 
 async def pieces(data: bytes, size: int = 65_536) -> AsyncIterator[bytes]:
@@ -120,6 +122,8 @@ def test_another_process_holding_the_blob_makes_a_conflict(
     )
     try:
         assert holder.stdout is not None
+        readable, _, _ = select.select([holder.stdout], [], [], HOLDER_TIMEOUT_S)
+        assert readable, f"the other process did not take its lock within {HOLDER_TIMEOUT_S} s"
         assert holder.stdout.readline() == "held\n"
 
         async def take() -> None:
@@ -129,7 +133,12 @@ def test_another_process_holding_the_blob_makes_a_conflict(
         with pytest.raises(Conflict):
             anyio.run(take)
     finally:
-        holder.communicate("")
+        try:
+            holder.communicate("", timeout=HOLDER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+            raise
     assert path.read_bytes() == b"abc"
 
 

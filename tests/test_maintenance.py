@@ -20,6 +20,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner, Result
 
+from tests.conftest import within
 from tests.media import wav_bytes
 from tests.s3 import S3Bucket, s3_bucket
 from voxvault import Settings, Vault
@@ -327,18 +328,20 @@ async def test_a_sweep_while_an_upload_is_in_flight_leaves_it_alone(store: Vault
     async def upload() -> None:
         uploaded.append(await store.create_recording(held(), transcribe=False))
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(upload)
-        await sent_some.wait()
-        await anyio.wait_all_tasks_blocked()
-        if isinstance(store.blobs, LocalBlobStore):
-            (staged,) = store.blobs.staging.iterdir()
-            age(staged)  # even an upload stalled for hours keeps its staging while alive
-        report = (await store.collect_garbage(grace_s=0)).as_json()
-        assert report["staging"] == []
-        assert report["orphans"] == []
-        assert (await store.fsck(grace_s=0)).ok
-        go_on.set()
+    # A sweep that waited for the upload (which waits for the sweep) would wait forever.
+    with within(60, "the sweep beside the upload in flight"):
+        async with anyio.create_task_group() as group:
+            group.start_soon(upload)
+            await sent_some.wait()
+            await anyio.wait_all_tasks_blocked()
+            if isinstance(store.blobs, LocalBlobStore):
+                (staged,) = store.blobs.staging.iterdir()
+                age(staged)  # even an upload stalled for hours keeps its staging while alive
+            report = (await store.collect_garbage(grace_s=0)).as_json()
+            assert report["staging"] == []
+            assert report["orphans"] == []
+            assert (await store.fsck(grace_s=0)).ok
+            go_on.set()
     (recording,) = uploaded
     assert await store.blobs.read_all(blob_keys.recording_original(recording.id)) == audio
     assert (await store.fsck(grace_s=0)).ok

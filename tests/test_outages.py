@@ -331,11 +331,15 @@ class EventStream:
         assert self.response.headers["content-type"].startswith("text/event-stream")
         self._lines = self.response.iter_lines()
 
-    def next_event(self) -> tuple[str | None, dict[str, Any]]:
-        """The next event's id (None for a snapshot from the database) and data."""
+    def next_event(self, deadline: float | None = None) -> tuple[str | None, dict[str, Any]]:
+        """The next event's id (None for a snapshot from the database) and data, by the
+        deadline (the server's keep-alive comments come every few seconds meanwhile)."""
+        if deadline is None:
+            deadline = time.monotonic() + RECOVERY_DEADLINE_S
         event_id: str | None = None
         data: list[str] = []
         for line in self._lines:
+            assert time.monotonic() < deadline, "the event stream sent no event by the deadline"
             if line.startswith("id:"):
                 event_id = line[3:].strip() or None
             elif line.startswith("data:"):
@@ -348,7 +352,7 @@ class EventStream:
         """Skip database snapshots until the bus delivers the event with this progress."""
         deadline = time.monotonic() + RECOVERY_DEADLINE_S
         while time.monotonic() < deadline:
-            event_id, data = self.next_event()
+            event_id, data = self.next_event(deadline)
             if data.get("progress") == progress:
                 assert event_id is not None, data  # it came through the bus
                 return event_id

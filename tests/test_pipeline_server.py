@@ -21,7 +21,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
-from tests.conftest import VOXVAULT_BIN, LiveServer
+from tests.conftest import VOXVAULT_BIN, LiveServer, run_voxvault
 from tests.media import encode_audio, speak, wav_bytes
 from voxvault.cli import app
 from voxvault.pipeline.steps import StageProgress, overall_progress, pipeline_steps
@@ -50,6 +50,7 @@ TRANSCRIPT_FILES = {f"transcript.{ext}" for ext in ("json", "srt", "vtt", "txt",
 EVENT_KEYS = {"type", "status", "stage", "progress", "job_id", "error"}
 # Overall progress when the transcribe step starts (probe and normalize done).
 TRANSCRIBE_START = overall_progress(pipeline_steps(), StageProgress(stage="transcribe"))
+INGEST_TIMEOUT_S = 180
 
 
 def normalized(text: str) -> str:
@@ -458,9 +459,19 @@ def test_ingest_through_a_server_waits_until_ready(
     shared_server: LiveServer, tmp_path: Path, fox: Path
 ) -> None:
     unused = tmp_path / "unused"
-    result = cli(
-        "--data-dir", str(unused), "ingest", "--server", shared_server.url, str(fox), "--json"
+    # In a child process: the command follows the run's events for as long as the server
+    # sends them, so only a deadline of the test's own ends a run that never finishes.
+    result = run_voxvault(
+        "--data-dir",
+        str(unused),
+        "ingest",
+        "--server",
+        shared_server.url,
+        str(fox),
+        "--json",
+        timeout=INGEST_TIMEOUT_S,
     )
+    assert result.returncode == 0, (result.stdout, result.stderr)
     (recording,) = json.loads(result.stdout)
     assert recording["status"] == "ready", recording
     assert recording["filename"] == "fox.wav"

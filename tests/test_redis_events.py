@@ -15,7 +15,7 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import free_port
+from tests.conftest import free_port, within
 from tests.redis_server import RedisKeys, redis_keys, with_query
 from voxvault.errors import BackendUnavailable, ConfigurationError
 from voxvault.events import EventBus, EventBusClosed, ProgressEvent, Subscription, open_event_bus
@@ -72,8 +72,9 @@ def ready() -> ProgressEvent:
 
 async def drain(sub: Subscription, wait: float = QUIET) -> list[tuple[str, ProgressEvent]]:
     received: list[tuple[str, ProgressEvent]] = []
-    while (item := await sub.next(wait)) is not None:
-        received.append(item)
+    with within(30, "a quiet moment on the subscription"):
+        while (item := await sub.next(wait)) is not None:
+            received.append(item)
     return received
 
 

@@ -163,7 +163,7 @@ def test_concurrent_first_loads_agree_on_one_key(data_dir: Path) -> None:
 
     def load() -> None:
         settings = Settings(data_dir=data_dir)
-        barrier.wait()
+        barrier.wait(timeout=30)
         try:
             key = settings.load_secret_key()
         except BaseException as exc:
@@ -173,7 +173,7 @@ def test_concurrent_first_loads_agree_on_one_key(data_dir: Path) -> None:
         with lock:
             keys.append(key)
 
-    threads = [threading.Thread(target=load) for _ in range(threads_count)]
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(threads_count)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -14,9 +14,12 @@ import io
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from requests import PreparedRequest, Response
+from requests.adapters import HTTPAdapter
 from tusclient.client import TusClient
 from tusclient.exceptions import TusCommunicationError, TusUploadFailed
 from tusclient.storage.interface import Storage
@@ -31,6 +34,7 @@ from tests.stacks import child_environment
 
 CHUNK_BYTES = 16 * 1024
 CHUNKS_BEFORE_THE_CUT = 4
+REQUEST_TIMEOUT_S = 60
 TEXT = (
     "Resumable uploads keep every chunk that reached the server. "
     "When the connection or the server goes away, the client asks where to go on, "
@@ -60,6 +64,22 @@ class KeptOpen(io.BytesIO):
 
     def close(self) -> None:
         pass
+
+
+@pytest.fixture(autouse=True)
+def requests_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tuspy sends its requests (through ``requests``) without a timeout, so a server that
+    never answered would hold the test forever: here each one gives up after a minute."""
+    send = HTTPAdapter.send
+
+    def send_with_timeout(
+        adapter: HTTPAdapter, request: PreparedRequest, *args: Any, **kwargs: Any
+    ) -> Response:
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = REQUEST_TIMEOUT_S
+        return send(adapter, request, *args, **kwargs)
+
+    monkeypatch.setattr(HTTPAdapter, "send", send_with_timeout)
 
 
 # Starts the server process that serves the upload's second half, given the first one.

@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
-from typer.testing import CliRunner, Result
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, run_voxvault, within
 from tests.faults import TcpProxy
 from tests.media import speak
-from voxvault.cli import app
 from voxvault.client import VaultClient
 from voxvault.tus_client import UploadUrlStore
 
 CHUNK_BYTES = 32 * 1024
 CHUNKS_BEFORE_THE_STOP = 4
+# The client waits for each chunk's answer as long as the server takes: the test does not.
+UPLOAD_TIMEOUT_S = 120
 TEXT = (
     "An upload that stops half way is not lost. The next run finds the address it kept, "
     "asks the server how much arrived, and sends only the rest of the recording."
@@ -54,30 +55,30 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_ingest(server_url: str, path: Path, store: Path, *extra: str) -> Result:
-    return CliRunner().invoke(
-        app,
-        [
-            "--data-dir",
-            str(store.parent / "unused"),
-            "ingest",
-            "--server",
-            server_url,
-            str(path),
-            "--chunk-bytes",
-            str(CHUNK_BYTES),
-            "--upload-store",
-            str(store),
-            "--no-transcribe",
-            "--json",
-            *extra,
-        ],
+def run_ingest(
+    server_url: str, path: Path, store: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return run_voxvault(
+        "--data-dir",
+        str(store.parent / "unused"),
+        "ingest",
+        "--server",
+        server_url,
+        str(path),
+        "--chunk-bytes",
+        str(CHUNK_BYTES),
+        "--upload-store",
+        str(store),
+        "--no-transcribe",
+        "--json",
+        *extra,
+        timeout=UPLOAD_TIMEOUT_S,
     )
 
 
 def ingest(server_url: str, path: Path, store: Path, *extra: str) -> list[dict[str, object]]:
     result = run_ingest(server_url, path, store, *extra)
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    assert result.returncode == 0, (result.stdout, result.stderr)
     recordings: list[dict[str, object]] = json.loads(result.stdout)
     return recordings
 
@@ -124,14 +125,15 @@ def test_an_interrupted_ingest_resumes_from_the_stored_url_without_resending(
 
         async def upload_until_the_stop() -> None:
             async with VaultClient(endpoint) as client:
-                await client.upload_resumable(
-                    speech,
-                    transcribe=False,
-                    chunk_bytes=CHUNK_BYTES,
-                    url_store=UploadUrlStore(store),
-                    max_attempts=2,
-                    on_chunk=stop_after_some,
-                )
+                with within(UPLOAD_TIMEOUT_S, "the upload to end with the server"):
+                    await client.upload_resumable(
+                        speech,
+                        transcribe=False,
+                        chunk_bytes=CHUNK_BYTES,
+                        url_store=UploadUrlStore(store),
+                        max_attempts=2,
+                        on_chunk=stop_after_some,
+                    )
 
         with pytest.raises(httpx.TransportError):
             anyio.run(upload_until_the_stop)
@@ -141,7 +143,7 @@ def test_an_interrupted_ingest_resumes_from_the_stored_url_without_resending(
 
         # A run while the server is away fails, and keeps the URL for the next one.
         away = run_ingest(endpoint, speech, store)
-        assert away.exit_code == 1
+        assert away.returncode == 1, (away.stdout, away.stderr)
         assert "run the same command again to resume" in away.stderr
         assert list(json.loads(store.read_text()).values()) == [url]
 
@@ -206,12 +208,13 @@ def test_a_damaged_chunk_is_refused_with_460_and_sent_again(
 
     async def upload() -> dict[str, object]:
         async with VaultClient(server.url, transport=transport) as client:
-            return await client.upload_resumable(
-                speech,
-                transcribe=False,
-                chunk_bytes=CHUNK_BYTES,
-                url_store=UploadUrlStore(tmp_path / "uploads.json"),
-            )
+            with within(UPLOAD_TIMEOUT_S, "the upload of the damaged chunks"):
+                return await client.upload_resumable(
+                    speech,
+                    transcribe=False,
+                    chunk_bytes=CHUNK_BYTES,
+                    url_store=UploadUrlStore(tmp_path / "uploads.json"),
+                )
 
     recording = anyio.run(upload)
     assert transport.answers[:3] == [(0, 204), (CHUNK_BYTES, 460), (CHUNK_BYTES, 204)]

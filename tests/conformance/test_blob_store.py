@@ -15,6 +15,7 @@ from typing import cast
 import anyio
 import pytest
 
+from tests.conftest import within
 from tests.s3 import pending_uploads, s3_bucket, s3_client
 from voxvault.blobs import BlobSink, BlobStore, open_blob_store
 from voxvault.blobs.base import LANE_BATCH_BYTES, PUT_QUEUE_BYTES, StagedLeftover
@@ -160,7 +161,8 @@ async def test_cancelled_put_leaves_nothing(store: BlobStore) -> None:
 
     async with anyio.create_task_group() as group:
         group.start_soon(store.put_stream, "k/cancelled", slow())
-        await started.wait()
+        with within(60, "the put to read past the first chunk"):
+            await started.wait()
         group.cancel_scope.cancel()
     assert await all_keys(store) == []
     await assert_no_staging_left(store)
@@ -246,7 +248,8 @@ async def test_a_stalled_sink_holds_the_stream_back_instead_of_buffering_it(
     async with anyio.create_task_group() as group:
         group.start_soon(store.put_stream, "k/slow", source)
         # The store cannot wait for room before it holds PUT_QUEUE_BYTES, so this is reached.
-        await source.queue_filled.wait()
+        with within(60, "the put to fill its queue"):
+            await source.queue_filled.wait()
         await anyio.wait_all_tasks_blocked()
         held_back_at = source.pulled
         gate.set()
@@ -284,7 +287,8 @@ async def test_cancelled_put_held_back_by_a_stalled_sink_leaves_nothing(
     source = CountingSource(4 * PUT_QUEUE_BYTES)
     async with anyio.create_task_group() as group:
         group.start_soon(store.put_stream, "k/cancelled", source)
-        await source.queue_filled.wait()
+        with within(60, "the put to fill its queue"):
+            await source.queue_filled.wait()
         await anyio.wait_all_tasks_blocked()
         group.cancel_scope.cancel()
         gate.set()  # the write in progress finishes; then the put is aborted
@@ -396,18 +400,20 @@ async def test_a_live_puts_staging_is_never_a_leftover(store: BlobStore) -> None
         yield data[100_000:]
 
     future = datetime.now(UTC) + timedelta(hours=1)
-    async with anyio.create_task_group() as group:
-        group.start_soon(store.put_stream, "recordings/r1/original", held())
-        await sent_some.wait()
-        await anyio.wait_all_tasks_blocked()
-        # Every staged byte counts as old here; the put still holds its own.
-        assert await store.staging_leftovers(older_than=future) == ()
-        if isinstance(store, LocalBlobStore):
-            (staged,) = store.staging.iterdir()
-            leftover = StagedLeftover(f".staging/{staged.name}", 0, datetime.now(UTC))
-            assert await store.remove_staging(leftover) is False
-            assert staged.exists()
-        go_on.set()
+    # A look at the staging that waited for the put (which waits for it) would wait forever.
+    with within(60, "the look at the staging beside the put in flight"):
+        async with anyio.create_task_group() as group:
+            group.start_soon(store.put_stream, "recordings/r1/original", held())
+            await sent_some.wait()
+            await anyio.wait_all_tasks_blocked()
+            # Every staged byte counts as old here; the put still holds its own.
+            assert await store.staging_leftovers(older_than=future) == ()
+            if isinstance(store, LocalBlobStore):
+                (staged,) = store.staging.iterdir()
+                leftover = StagedLeftover(f".staging/{staged.name}", 0, datetime.now(UTC))
+                assert await store.remove_staging(leftover) is False
+                assert staged.exists()
+            go_on.set()
     assert await store.read_all("recordings/r1/original") == data
     await assert_no_staging_left(store)
 

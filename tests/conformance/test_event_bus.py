@@ -14,6 +14,7 @@ import anyio.to_thread
 import pytest
 from pydantic import ValidationError
 
+from tests.conftest import within
 from tests.redis_server import redis_keys
 from voxvault.errors import ConfigurationError
 from voxvault.events import EventBus, EventBusClosed, ProgressEvent, Subscription, open_event_bus
@@ -118,8 +119,9 @@ def failed() -> ProgressEvent:
 async def drain(subscription: Subscription) -> list[tuple[str, ProgressEvent]]:
     """Everything buffered now, stopping at the first quiet moment."""
     received: list[tuple[str, ProgressEvent]] = []
-    while (item := await subscription.next(QUIET)) is not None:
-        received.append(item)
+    with within(30, "a quiet moment on the subscription"):
+        while (item := await subscription.next(QUIET)) is not None:
+            received.append(item)
     return received
 
 
@@ -426,11 +428,12 @@ async def test_closing_the_bus_ends_its_subscriptions(harness: Harness) -> None:
             received.append(item)
 
     async with bus.subscribe("rec-1") as iterated, bus.subscribe("rec-1") as polled:
-        async with anyio.create_task_group() as group:
-            group.start_soon(reader, iterated)
-            await publish_all(bus, "rec-1", [event(0.1), event(0.2)])
-            with anyio.fail_after(1):
-                await bus.close()
+        with within(30, "the iterating reader to end with the bus"):
+            async with anyio.create_task_group() as group:
+                group.start_soon(reader, iterated)
+                await publish_all(bus, "rec-1", [event(0.1), event(0.2)])
+                with anyio.fail_after(1):
+                    await bus.close()
         assert received == [event(0.1), event(0.2)]
         assert [e for _, e in await drain_until_closed(polled)] == received
     await bus.close()  # twice is fine

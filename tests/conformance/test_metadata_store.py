@@ -136,6 +136,7 @@ async def test_list_is_newest_first_and_cursor_pages_cover_everything_once(
     while True:
         page = await store.list_recordings(WS, query)
         seen += page.items
+        assert len(seen) <= len(made), "the pages never end"
         if page.next_cursor is None:
             break
         query = query.model_copy(update={"cursor": page.next_cursor})
