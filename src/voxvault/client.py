@@ -17,6 +17,7 @@ from httpx_sse import aconnect_sse
 
 from voxvault.events import ProgressEvent
 from voxvault.tus_client import (
+    ANSWER_TIMEOUT_S,
     DEFAULT_CHECKSUM,
     DEFAULT_CHUNK_BYTES,
     ResumableUpload,
@@ -25,6 +26,9 @@ from voxvault.tus_client import (
 )
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
+# The server sends a keep-alive on an event stream every 15 s: a stream silent for four of
+# those has lost its server, and following it ends with ``httpx.ReadTimeout``.
+EVENTS_SILENCE_TIMEOUT_S = 60.0
 
 
 def _raise_for_error(response: httpx.Response) -> None:
@@ -81,7 +85,9 @@ class VaultClient:
                 "Content-Type": "application/octet-stream",
                 "Content-Length": str(size),
             },
-            timeout=None,
+            # Sending takes as long as the bytes take; the answer comes once they are durable,
+            # hashed and probed.
+            timeout=httpx.Timeout(self._http.timeout.connect, read=ANSWER_TIMEOUT_S),
         )
         _raise_for_error(response)
         recording: dict[str, Any] = response.json()
@@ -133,7 +139,10 @@ class VaultClient:
     async def events(self, recording_id: str) -> AsyncIterator[ProgressEvent]:
         """The recording's progress events until the server ends the stream."""
         async with aconnect_sse(
-            self._http, "GET", f"/v1/recordings/{recording_id}/events", timeout=None
+            self._http,
+            "GET",
+            f"/v1/recordings/{recording_id}/events",
+            timeout=httpx.Timeout(self._http.timeout.connect, read=EVENTS_SILENCE_TIMEOUT_S),
         ) as source:
             _raise_for_error(source.response)
             async for message in source.aiter_sse():

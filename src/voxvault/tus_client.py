@@ -58,6 +58,10 @@ CHUNK_CONTENT_TYPE: Final = "application/offset+octet-stream"
 SEND_SLICE_BYTES: Final = 1024 * 1024
 """A chunk goes out in slices of this size, so the progress bar moves within a chunk."""
 MAX_BACKOFF_S: Final = 10.0
+# How long an answer may take once a request is sent: a chunk is answered once it is durable,
+# the final one once the recording is made of the upload (on S3, joined inside S3). A server
+# silent for longer is taken as gone: a chunk is then resumed from HEAD.
+ANSWER_TIMEOUT_S: Final = 600.0
 _ERRORS: Final[dict[int, type[VoxVaultError]]] = {
     400: InvalidRequest,
     404: NotFound,
@@ -328,7 +332,7 @@ class ResumableUpload:
                         "Upload-Offset": str(start),
                         "Upload-Checksum": f"{self.checksum} {digest}",
                     },
-                    timeout=httpx.Timeout(self.http.timeout.connect, read=None),
+                    timeout=httpx.Timeout(self.http.timeout.connect, read=ANSWER_TIMEOUT_S),
                 )
             except Exception as exc:  # raised below, outside the task group's wrapping
                 failure = exc
