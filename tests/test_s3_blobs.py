@@ -27,7 +27,7 @@ from tests.s3 import (
 )
 from voxvault.blobs import open_blob_store
 from voxvault.blobs.s3 import MIN_PART_BYTES, STREAM_WINDOW_BYTES, S3BlobStore
-from voxvault.blobs.s3_join import S3Joiner, joinable
+from voxvault.blobs.s3_join import S3Multipart, joinable
 from voxvault.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -424,7 +424,7 @@ async def test_a_part_gone_during_the_join_is_not_found_and_leaves_nothing(
     store: S3BlobStore, bucket: S3Bucket
 ) -> None:
     await store.put_bytes("uploads/u/parts/0", os.urandom(5 * 1024 * 1024))
-    joiner = S3Joiner(bucket.name, endpoint_url=bucket.endpoint, region=store.region)
+    joiner = S3Multipart(bucket.name, endpoint_url=bucket.endpoint, region=store.region)
     sources = [store.path_of("uploads/u/parts/0"), store.path_of("uploads/u/parts/gone")]
     with pytest.raises(NotFound):
         await anyio.to_thread.run_sync(joiner.join, store.path_of("recordings/r/original"), sources)

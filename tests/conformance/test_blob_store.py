@@ -20,7 +20,13 @@ from tests.s3 import pending_uploads, s3_bucket, s3_client
 from voxvault.blobs import BlobSink, BlobStore, open_blob_store
 from voxvault.blobs.base import LANE_BATCH_BYTES, PUT_QUEUE_BYTES, StagedLeftover
 from voxvault.blobs.local import LocalBlobStore
-from voxvault.errors import EmptyUpload, InvalidRequest, NotFound, PayloadTooLarge
+from voxvault.errors import (
+    BackendUnavailable,
+    EmptyUpload,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -514,4 +520,125 @@ async def test_compose_of_a_missing_part_or_past_the_limit_leaves_nothing(
             "recordings/r/original", ["uploads/u/parts/a"], sha256=digest, max_bytes=5000
         )
     assert await all_keys(store) == ["uploads/u/parts/a"]
+    await assert_no_staging_left(store)
+
+
+async def test_compose_may_begin_with_the_blob_at_its_own_key(store: BlobStore) -> None:
+    """What completing a resumable upload does when chunks followed its multipart upload."""
+    head, tail = os.urandom(5 * 1024 * 1024), os.urandom(4321)
+    await store.put_bytes("recordings/r/original", head)
+    await store.put_bytes("uploads/u/parts/tail", tail)
+    joined = head + tail
+    digest = hashlib.sha256(joined).hexdigest()
+    for hashed_before in (True, False):
+        await store.put_bytes("recordings/r/original", head)
+        stored = await store.compose(
+            "recordings/r/original",
+            ["recordings/r/original", "uploads/u/parts/tail"],
+            sha256=digest if hashed_before else None,
+        )
+        assert (stored.size, stored.sha256) == (len(joined), digest)
+        assert await store.read_all("recordings/r/original") == joined
+    await assert_no_staging_left(store)
+
+
+# ---- blobs assembled from parts (part_limits) ---------------------------------------------------
+
+
+async def test_a_blob_is_assembled_from_parts_stored_one_by_one(store: BlobStore) -> None:
+    key = "recordings/r/original"
+    limits = store.part_limits
+    if limits is None:
+        with pytest.raises(NotImplementedError):
+            await store.start_multipart(key)
+        with pytest.raises(NotImplementedError):
+            await store.put_part(key, "m", 1, chunks_of(b"x"), size=1)
+        with pytest.raises(NotImplementedError):
+            await store.complete_multipart(key, "m", [(1, "e")])
+        with pytest.raises(NotImplementedError):
+            await store.abort_multipart(key, "m")
+        return
+    first, other, last = (os.urandom(limits.min_bytes), os.urandom(limits.min_bytes), b"end")
+    multipart_id = await store.start_multipart(key)
+    running = hashlib.sha256()
+    one = await store.put_part(
+        key, multipart_id, 1, chunks_of(first, 65536), size=len(first), sha256=running
+    )
+    # Another attempt at the same bytes (which lost its race): stored, never listed.
+    await store.put_part(key, multipart_id, 2, chunks_of(other, 65536), size=len(other))
+    three = await store.put_part(key, multipart_id, 7, chunks_of(last), size=3, sha256=running)
+    assert (one.number, one.size, three.number, three.size) == (1, len(first), 7, 3)
+    assert one.etag
+    assert three.etag
+    assert three.sha256 == running.hexdigest() == hashlib.sha256(first + last).hexdigest()
+    assert await all_keys(store) == []  # nothing shows before the completion
+    await store.complete_multipart(key, multipart_id, [(1, one.etag), (7, three.etag)])
+    assert await store.read_all(key) == first + last
+    # The upload is over: aborting it (a late termination) leaves the blob alone.
+    assert await store.abort_multipart(key, multipart_id) is False
+    assert await store.read_all(key) == first + last
+    await assert_no_staging_left(store)
+
+
+async def test_a_part_cut_short_refused_or_too_long_is_not_stored(store: BlobStore) -> None:
+    key = "recordings/r/original"
+    if store.part_limits is None:
+        return  # see test_a_blob_is_assembled_from_parts_stored_one_by_one
+    data = os.urandom(300_000)
+
+    class Refuse:
+        def update(self, data: bytes, /) -> None:
+            pass
+
+        def verify(self) -> None:
+            raise ValueError("not these bytes")
+
+    multipart_id = await store.start_multipart(key)
+    with pytest.raises(InvalidRequest, match="ended after"):
+        await store.put_part(key, multipart_id, 1, chunks_of(data), size=len(data) + 1)
+    with pytest.raises(PayloadTooLarge):
+        await store.put_part(key, multipart_id, 2, chunks_of(data), size=len(data) - 1)
+    with pytest.raises(ValueError, match="not these bytes"):
+        await store.put_part(
+            key, multipart_id, 3, chunks_of(data), size=len(data), checks=[Refuse()]
+        )
+    with pytest.raises(ConnectionResetError):
+        await store.put_part(key, multipart_id, 4, failing_after(data), size=len(data) + 1)
+    stored = await store.put_part(key, multipart_id, 5, chunks_of(data), size=len(data))
+    # Only the last part was stored: the store refuses to complete with any other (the
+    # refused part 3 held the same bytes, so it would have had the same ETag).
+    for number in (1, 2, 3, 4):
+        with pytest.raises(BackendUnavailable):
+            await store.complete_multipart(key, multipart_id, [(number, stored.etag)])
+    assert await all_keys(store) == []
+    assert await store.abort_multipart(key, multipart_id) is True
+    assert await store.abort_multipart(key, multipart_id) is False
+    assert await all_keys(store) == []
+    await assert_no_staging_left(store)
+
+
+async def test_a_cancelled_part_is_not_stored(store: BlobStore) -> None:
+    key = "recordings/r/original"
+    if store.part_limits is None:
+        return  # see test_a_blob_is_assembled_from_parts_stored_one_by_one
+    data = os.urandom(200_000)
+    sent_some = anyio.Event()
+
+    async def held() -> AsyncIterator[bytes]:
+        yield data[:100_000]
+        sent_some.set()
+        await anyio.sleep_forever()
+        yield data[100_000:]
+
+    multipart_id = await store.start_multipart(key)
+    with within(60, "the cancelled part"):
+        async with anyio.create_task_group() as group:
+            group.start_soon(lambda: store.put_part(key, multipart_id, 1, held(), size=len(data)))
+            await sent_some.wait()
+            group.cancel_scope.cancel()
+    stored = await store.put_part(key, multipart_id, 2, chunks_of(data), size=len(data))
+    with pytest.raises(BackendUnavailable):
+        await store.complete_multipart(key, multipart_id, [(1, stored.etag)])
+    await store.complete_multipart(key, multipart_id, [(2, stored.etag)])
+    assert await store.read_all(key) == data
     await assert_no_staging_left(store)

@@ -232,3 +232,61 @@ async def test_a_part_named_as_the_last_one_extends_it(store: UploadStore) -> No
     assert (second.offset, second.status) == (100, UploadStatus.COMPLETING)
     stored = await store.get_upload(WS, upload.id)
     assert stored.parts == second.parts == (UploadPart(name="grown", size=100),)
+
+
+# ---- parts of a multipart upload ----------------------------------------------------------------
+
+
+async def test_racing_claims_get_distinct_numbers_and_the_first_multipart_id_stays(
+    store: UploadStore,
+) -> None:
+    upload = await new_upload(store)
+    claims: list[tuple[str, int] | None] = []
+
+    async def claim(multipart_id: str) -> None:
+        claims.append(await store.claim_part_number(upload, multipart_id=multipart_id, now=NOW))
+
+    async with anyio.create_task_group() as group:
+        for n in range(8):
+            group.start_soon(claim, f"mp-{n}")
+    assert all(c is not None for c in claims)
+    numbers = sorted(c[1] for c in claims if c is not None)
+    assert numbers == list(range(1, 9))
+    (kept,) = {c[0] for c in claims if c is not None}  # every claim names the same upload
+    assert (await store.get_upload(WS, upload.id)).multipart_id == kept
+
+
+async def test_part_numbers_are_claimed_only_at_the_offset_and_grow_with_it(
+    store: UploadStore,
+) -> None:
+    upload = await new_upload(store)
+    first = await store.claim_part_number(upload, multipart_id="mp", now=NOW)
+    assert first == ("mp", 1)
+    part = UploadPart(name="multipart-00001", size=40, part_number=1, etag='"e1"')
+    appended = await store.append_part(
+        replace(upload, multipart_id="mp"), part, now=NOW, expires_at=LATER
+    )
+    assert appended is not None
+    assert appended.parts == (part,)
+    assert appended == await store.get_upload(WS, upload.id)  # the part's number and ETag too
+    # A writer still at the old offset gets no number; one at the new offset a greater one.
+    assert await store.claim_part_number(upload, multipart_id="other", now=NOW) is None
+    assert await store.claim_part_number(appended, multipart_id="other", now=NOW) == ("mp", 2)
+    # Not once expired, nor once settled.
+    expired = LATER + timedelta(seconds=1)
+    assert await store.claim_part_number(appended, multipart_id="mp", now=expired) is None
+    settled = await store.settle_upload(
+        WS,
+        upload.id,
+        UploadStatus.TERMINATED,
+        from_statuses=[UploadStatus.ACTIVE],
+        now=NOW,
+        expires_at=LATER,
+    )
+    assert settled is not None
+    assert (settled.status, settled.multipart_id, settled.parts) == (
+        UploadStatus.TERMINATED,
+        "mp",
+        (),
+    )
+    assert await store.claim_part_number(appended, multipart_id="mp", now=NOW) is None

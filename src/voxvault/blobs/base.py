@@ -3,6 +3,10 @@
 The base class owns the public behaviour every adapter shares: streaming from an async iterator
 in flat memory, size and sha256 computed on the way, upload limits, and leaving nothing behind
 when a put fails or is cancelled. Adapters implement the small primitives below the line.
+
+A store that can assemble a blob from parts sent one by one (S3's multipart uploads:
+``part_limits``) takes the chunks of a resumable upload as parts of the recording's own blob,
+which then appears whole when the upload completes, without a byte being copied.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import anyio
 import anyio.to_thread
 
 from voxvault.blobs.keys import validate_key
-from voxvault.errors import EmptyUpload, PayloadTooLarge
+from voxvault.errors import EmptyUpload, InvalidRequest, PayloadTooLarge
 
 READ_CHUNK_BYTES = 1024 * 1024
 FILE_CHUNK_BYTES = 1024 * 1024
@@ -98,6 +102,28 @@ class StagedLeftover:
     modified_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class PartLimits:
+    """What a store's multipart uploads accept (S3: parts of 5 MiB to 5 GiB, numbered 1 to
+    10,000)."""
+
+    min_bytes: int
+    """Every part of an assembled blob but its last is at least this big."""
+    max_bytes: int
+    max_number: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPart:
+    """A part stored in a multipart upload (``BlobStore.put_part``)."""
+
+    number: int
+    etag: str
+    """The store's name for the part's bytes, which ``complete_multipart`` is given back."""
+    size: int
+    sha256: str
+
+
 class BlobSink(ABC):
     """One put in progress: bytes go to a staging place and become visible only on commit.
 
@@ -125,6 +151,28 @@ class BlobSink(ABC):
     @abstractmethod
     def abort(self) -> None:
         """Discard everything written; must be safe to call after a failed write or commit."""
+
+
+class PartSink(BlobSink):
+    """A put of one part of a multipart upload; ``commit`` sets ``etag``."""
+
+    etag: str = ""
+
+
+class _ExactSize:
+    """Refuses a part that ends before the size it was announced with (its sender went away):
+    the store was promised that many bytes."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._seen = 0
+
+    def update(self, data: bytes, /) -> None:
+        self._seen += len(data)
+
+    def verify(self) -> None:
+        if self._seen != self._size:
+            raise InvalidRequest(f"the part ended after {self._seen} of its {self._size} bytes")
 
 
 class AppendTarget(ABC):
@@ -412,6 +460,11 @@ class BlobStore(ABC):
     """Whether ``appending`` works here: a blob grown in place (local files; S3 objects are
     immutable, so chunks there are separate blobs joined at the end by ``compose``)."""
 
+    part_limits: ClassVar[PartLimits | None] = None
+    """Where the store can assemble a blob from parts stored one by one (S3's multipart uploads:
+    ``start_multipart``, ``put_part``, ``complete_multipart``), what it accepts of them; None
+    where it cannot (local files grow in place instead, ``appending``)."""
+
     # ---- public behaviour -------------------------------------------------------------------
 
     async def put_stream(
@@ -485,6 +538,59 @@ class BlobStore(ABC):
         store may share its bytes with the composed blob instead of copying them."""
         raise NotImplementedError(f"{type(self).__name__} cannot append in place")
 
+    async def put_part(
+        self,
+        key: str,
+        multipart_id: str,
+        number: int,
+        chunks: AsyncIterable[bytes],
+        *,
+        size: int,
+        sha256: Digest | None = None,
+        checks: Sequence[ByteCheck] = (),
+    ) -> StoredPart:
+        """Store the stream, which must be exactly ``size`` bytes, as part ``number`` of the
+        multipart upload ``multipart_id`` of ``key`` (``start_multipart``); only where
+        ``part_limits``. Nothing shows at ``key`` until the upload is completed with the part.
+
+        As ``put_stream`` stores one (running hash, checks), in flat memory whatever the size; a
+        stream that ends early (``InvalidRequest``), runs past ``size`` (``PayloadTooLarge``),
+        fails or fails a check stores no part. A part stored under a number already used
+        replaces the one there: callers give each attempt a number of its own.
+        """
+        limits = self.part_limits
+        if limits is None:
+            raise NotImplementedError(f"{type(self).__name__} cannot store parts")
+        validate_key(key)
+        if not 1 <= number <= limits.max_number:
+            raise ValueError(f"part numbers go from 1 to {limits.max_number}, not {number}")
+        if not 1 <= size <= limits.max_bytes:
+            raise ValueError(f"a part holds 1 to {limits.max_bytes} bytes, not {size}")
+        sink = await anyio.to_thread.run_sync(self._open_part_sink, key, multipart_id, number, size)
+        stored = await fill_sink(
+            sink, key, chunks, max_bytes=size, sha256=sha256, checks=[*checks, _ExactSize(size)]
+        )
+        return StoredPart(number=number, etag=sink.etag, size=stored.size, sha256=stored.sha256)
+
+    async def start_multipart(self, key: str) -> str:
+        """Begin a multipart upload of ``key`` and return its id; only where ``part_limits``.
+        One that is neither completed nor aborted holds its parts invisibly (S3: until the
+        bucket's lifecycle rule for incomplete multipart uploads removes them)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot store parts")
+
+    async def complete_multipart(
+        self, key: str, multipart_id: str, parts: Sequence[tuple[int, str]]
+    ) -> None:
+        """Make the blob at ``key`` of ``parts``, (number, ETag) pairs in ascending numbers,
+        replacing any blob there; the upload's parts not listed are dropped. ``NotFound`` when
+        the store knows no such upload (completed or aborted before)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot store parts")
+
+    async def abort_multipart(self, key: str, multipart_id: str) -> bool:
+        """Drop the multipart upload with its parts; False when the store knows no such upload
+        (completed or aborted before). A blob at ``key`` is never touched."""
+        raise NotImplementedError(f"{type(self).__name__} cannot store parts")
+
     async def put_bytes(self, key: str, data: bytes, *, allow_empty: bool = True) -> StoredBlob:
         async def once() -> AsyncIterator[bytes]:
             yield data
@@ -544,6 +650,11 @@ class BlobStore(ABC):
     @abstractmethod
     def _open_sink(self, key: str) -> BlobSink:
         """Start a put to ``key``; called in a worker thread, so it may block."""
+
+    def _open_part_sink(self, key: str, multipart_id: str, number: int, size: int) -> PartSink:
+        """Start a put of part ``number`` of ``size`` bytes (checked by the caller: the sink is
+        written exactly that many before its commit); called in a worker thread."""
+        raise NotImplementedError(f"{type(self).__name__} cannot store parts")
 
     @abstractmethod
     def stream_range(

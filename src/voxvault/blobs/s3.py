@@ -12,6 +12,10 @@ whatever its size. S3 shows an object only once its upload is complete, and an a
 its multipart upload. A process that dies mid-upload cannot abort it, so buckets should carry an
 ``AbortIncompleteMultipartUpload`` lifecycle rule, as S3 itself recommends.
 
+A resumable upload's chunks go up as the parts of one multipart upload of the recording's own
+object (``put_part``, by boto3 in ``s3_join``), which completing the upload completes: nothing
+is copied. Joining other objects (``compose``) happens inside S3 too.
+
 Reads are ranged GETs, streamed; a long read is split into windows of ``STREAM_WINDOW_BYTES``
 pinned to the first window's ETag, so that no request stays open for as long as a slow client
 takes and a blob replaced meanwhile is never mixed with its successor.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -38,11 +43,13 @@ from voxvault.blobs.base import (
     BlobInfo,
     BlobSink,
     BlobStore,
+    PartLimits,
+    PartSink,
     StoredBlob,
     too_large,
 )
 from voxvault.blobs.keys import validate_key
-from voxvault.blobs.s3_join import S3Joiner, joinable
+from voxvault.blobs.s3_join import MAX_PART_BYTES, MAX_PARTS, S3Multipart, S3PartSink, joinable
 from voxvault.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -180,6 +187,9 @@ class _S3Sink(BlobSink):
 
 class S3BlobStore(BlobStore):
     scheme = "s3"
+    part_limits = PartLimits(
+        min_bytes=MIN_PART_BYTES, max_bytes=MAX_PART_BYTES, max_number=MAX_PARTS
+    )
 
     def __init__(
         self,
@@ -215,7 +225,8 @@ class S3BlobStore(BlobStore):
         self.part_size = part_size
         self.client = self._connect(self.endpoint_url)
         self._signers: dict[str, S3Store] = {}
-        self._joiner: S3Joiner | None = None
+        self._multipart_client: S3Multipart | None = None
+        self._multipart_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str) -> S3BlobStore:
@@ -293,6 +304,16 @@ class S3BlobStore(BlobStore):
             return self.endpoint_url
         return f"https://s3.{self.region}.amazonaws.com"
 
+    def _multipart(self) -> S3Multipart:
+        """The boto3 client for the requests obstore lacks, made on first use; blocking (boto3
+        reads its configuration), so called from worker threads."""
+        with self._multipart_lock:
+            if self._multipart_client is None:
+                self._multipart_client = S3Multipart(
+                    self.bucket, endpoint_url=self.endpoint_url, region=self.region
+                )
+            return self._multipart_client
+
     async def _head(self, key: str) -> ObjectMeta:
         try:
             return await self.client.head_async(self.path_of(key))
@@ -305,6 +326,25 @@ class S3BlobStore(BlobStore):
 
     def _open_sink(self, key: str) -> BlobSink:
         return _S3Sink(self, key)
+
+    def _open_part_sink(self, key: str, multipart_id: str, number: int, size: int) -> PartSink:
+        return S3PartSink(self._multipart(), self.path_of(key), multipart_id, number, size)
+
+    async def start_multipart(self, key: str) -> str:
+        path = self.path_of(key)
+        return await anyio.to_thread.run_sync(lambda: self._multipart().start(path))
+
+    async def complete_multipart(
+        self, key: str, multipart_id: str, parts: Sequence[tuple[int, str]]
+    ) -> None:
+        path = self.path_of(key)
+        await anyio.to_thread.run_sync(
+            lambda: self._multipart().complete(path, multipart_id, parts)
+        )
+
+    async def abort_multipart(self, key: str, multipart_id: str) -> bool:
+        path = self.path_of(key)
+        return await anyio.to_thread.run_sync(lambda: self._multipart().abort(path, multipart_id))
 
     async def stream_range(
         self, key: str, start: int, length: int, *, chunk_size: int = READ_CHUNK_BYTES
@@ -468,10 +508,9 @@ class S3BlobStore(BlobStore):
             raise too_large(max_bytes)
         if not joinable(sizes):
             return await super().compose(key, parts, sha256=sha256, max_bytes=max_bytes)
-        if self._joiner is None:
-            self._joiner = S3Joiner(self.bucket, endpoint_url=self.endpoint_url, region=self.region)
         sources = [self.path_of(part) for part in parts]
-        await anyio.to_thread.run_sync(self._joiner.join, self.path_of(key), sources)
+        path = self.path_of(key)
+        await anyio.to_thread.run_sync(lambda: self._multipart().join(path, sources))
         return StoredBlob(key=key, size=sum(sizes), sha256=sha256)
 
     async def close(self) -> None:

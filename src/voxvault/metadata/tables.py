@@ -171,7 +171,9 @@ jobs = Table(
 )
 
 # Resumable uploads (tus): the state any API process needs to continue one; the bytes are part
-# blobs under ``uploads/{id}/``, listed in ``parts`` in order once each is durable.
+# blobs under ``uploads/{id}/``, or parts of the multipart upload ``multipart_id`` of the
+# recording's own blob (S3), listed in ``parts`` in order once each is durable. Each attempt to
+# store a chunk in the multipart upload takes the number ``next_part_number`` (migration 0006).
 uploads = Table(
     "uploads",
     metadata,
@@ -188,6 +190,8 @@ uploads = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("expires_at", UTCDateTime(), nullable=False),
     Index("ix_uploads_expires_at", "expires_at"),
+    Column("multipart_id", String(1024)),
+    Column("next_part_number", Integer, nullable=False, server_default=text("1")),
 )
 
 # The search index (voxvault.search): each recording's current transcript version, one row per

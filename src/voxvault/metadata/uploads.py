@@ -1,9 +1,12 @@
 """The UploadStore port: the state of resumable uploads, shared by every API process.
 
 An upload's bytes are part blobs (``uploads/{id}/parts/{name}``): one per chunk, or one grown in
-place where the blob store can; its row lists the parts that are durable, in order, with their
-sizes, and the offset they add up to. The offset moves only by a conditional
-update (``append_part``), so of two processes writing at the same offset exactly one wins.
+place where the blob store can; or, where the blob store assembles blobs from parts (S3), parts
+of one multipart upload of the recording's own blob (``multipart_id``), each numbered by the
+row (``claim_part_number``) so that no two attempts share a number. The row lists the parts that
+are durable, in order, with their sizes, and the offset they add up to. The offset moves only by
+a conditional update (``append_part``), so of two processes writing at the same offset exactly
+one wins.
 
 ::
 
@@ -41,8 +44,17 @@ class UploadStatus(enum.StrEnum):
 class UploadPart:
     name: str
     """The blob's name under ``uploads/{id}/parts/``: a new one per chunk, so racing writers
-    never share one, or the same one for every chunk of a blob grown in place (under a lock)."""
+    never share one, or the same one for every chunk of a blob grown in place (under a lock).
+    For a part of the upload's multipart upload, a name that tells its number (no blob)."""
     size: int
+    part_number: int | None = None
+    """Set for a part of the upload's multipart upload: its number there."""
+    etag: str | None = None
+    """Set for a part of the upload's multipart upload: the store's name for its bytes."""
+
+    @property
+    def in_multipart(self) -> bool:
+        return self.part_number is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +73,8 @@ class Upload:
     expires_at: datetime
     parts: tuple[UploadPart, ...] = field(default=())
     error: str | None = None
+    multipart_id: str | None = None
+    """The multipart upload of the recording's blob that chunks go to (once one did)."""
 
     @property
     def complete(self) -> bool:
@@ -88,6 +102,17 @@ class UploadStore(ABC):
         it ``completing`` (claimed by the caller, at ``now``)."""
 
     @abstractmethod
+    async def claim_part_number(
+        self, current: Upload, *, multipart_id: str, now: datetime
+    ) -> tuple[str, int] | None:
+        """Take a part number of the upload's multipart upload for a chunk at ``current.offset``:
+        numbers are never given twice, and one taken later at a greater offset is greater.
+        ``multipart_id`` becomes the upload's unless it has one already (another process's).
+
+        Returns the upload's multipart id and the number; None unless the upload is ``active``,
+        unexpired at ``now`` and still at that offset."""
+
+    @abstractmethod
     async def claim_completion(
         self, workspace: str, upload_id: str, *, now: datetime, stale_before: datetime
     ) -> Upload | None:
@@ -110,9 +135,10 @@ class UploadStore(ABC):
         expires_at: datetime,
         error: str | None = None,
         expired_before: datetime | None = None,
-    ) -> bool:
+    ) -> Upload | None:
         """Move to ``status`` (forgetting the parts) if the upload is in one of
-        ``from_statuses`` (and, with ``expired_before``, expired by then); False otherwise."""
+        ``from_statuses`` (and, with ``expired_before``, expired by then), and return the row as
+        settled (its ``multipart_id`` is final then); None otherwise."""
 
     @abstractmethod
     async def list_expired_uploads(self, now: datetime, limit: int = 500) -> list[Upload]:
@@ -134,7 +160,14 @@ _FIND_BATCH = 500  # ids per query: well under every engine's bound parameter li
 
 
 def _part(value: Any) -> UploadPart:
-    return UploadPart(name=str(value["name"]), size=int(value["size"]))
+    number = value.get("part_number")
+    etag = value.get("etag")
+    return UploadPart(
+        name=str(value["name"]),
+        size=int(value["size"]),
+        part_number=None if number is None else int(number),
+        etag=None if etag is None else str(etag),
+    )
 
 
 def _upload(row: sa.Row[Any]) -> Upload:
@@ -151,11 +184,21 @@ def _upload(row: sa.Row[Any]) -> Upload:
         expires_at=row.expires_at,
         parts=tuple(_part(p) for p in row.parts),
         error=row.error,
+        multipart_id=row.multipart_id,
     )
 
 
+def _part_json(part: UploadPart) -> dict[str, Any]:
+    value: dict[str, Any] = {"name": part.name, "size": part.size}
+    if part.part_number is not None:
+        value["part_number"] = part.part_number
+    if part.etag is not None:
+        value["etag"] = part.etag
+    return value
+
+
 def _parts_json(parts: Sequence[UploadPart]) -> list[dict[str, Any]]:
-    return [{"name": p.name, "size": p.size} for p in parts]
+    return [_part_json(p) for p in parts]
 
 
 _APPEND_COLUMNS = ("upload_offset", "parts", "status", "updated_at", "expires_at")
@@ -226,6 +269,8 @@ class SqlUploadStore(UploadStore):
                     created_at=upload.created_at,
                     updated_at=upload.updated_at,
                     expires_at=upload.expires_at,
+                    multipart_id=upload.multipart_id,
+                    next_part_number=1,
                 )
             )
 
@@ -293,6 +338,32 @@ class SqlUploadStore(UploadStore):
             expires_at=expires_at,
         )
 
+    async def claim_part_number(
+        self, current: Upload, *, multipart_id: str, now: datetime
+    ) -> tuple[str, int] | None:
+        # One statement: the row lock (PostgreSQL) or the one writer (SQLite) orders the claims,
+        # and the WHERE repeats what the caller read, as append_part's does.
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    uploads.update()
+                    .where(
+                        self._row(current.workspace, current.id),
+                        uploads.c.upload_offset == current.offset,
+                        uploads.c.status == UploadStatus.ACTIVE.value,
+                        uploads.c.expires_at > now,
+                    )
+                    .values(
+                        next_part_number=uploads.c.next_part_number + 1,
+                        multipart_id=sa.func.coalesce(uploads.c.multipart_id, multipart_id),
+                    )
+                    .returning(uploads.c.multipart_id, uploads.c.next_part_number)
+                )
+            ).one_or_none()
+        if row is None:
+            return None
+        return str(row.multipart_id), int(row.next_part_number) - 1
+
     async def claim_completion(
         self, workspace: str, upload_id: str, *, now: datetime, stale_before: datetime
     ) -> Upload | None:
@@ -338,7 +409,7 @@ class SqlUploadStore(UploadStore):
         expires_at: datetime,
         error: str | None = None,
         expired_before: datetime | None = None,
-    ) -> bool:
+    ) -> Upload | None:
         conditions = [
             self._row(workspace, upload_id),
             uploads.c.status.in_([s.value for s in from_statuses]),
@@ -356,8 +427,10 @@ class SqlUploadStore(UploadStore):
                     updated_at=now,
                     expires_at=expires_at,
                 )
+                .returning(*uploads.c)
             )
-            return result.rowcount == 1
+            row = result.one_or_none()
+            return None if row is None else _upload(row)
 
     async def list_expired_uploads(self, now: datetime, limit: int = 500) -> list[Upload]:
         async with self.engine.connect() as conn:
