@@ -1,43 +1,55 @@
 """Resumable uploads (tus 1.0 semantics, no HTTP here): chunks in, one recording out.
 
-Each chunk becomes one part blob, streamed through the BlobStore port (local files or S3 alike);
-only once the part is durable does a conditional update move the upload's offset past it, so
-the offset a client is told is always backed by bytes, whichever process it asks, and after a
+Each chunk is stored through the BlobStore port: appended to the upload's one growing blob where
+the store appends in place (local files), else as a part of the multipart upload of the
+recording's own blob where the store assembles blobs from parts (S3), else as a part blob of its
+own. Only once the chunk is durable does a conditional update move the upload's offset past it,
+so the offset a client is told is always backed by bytes, whichever process it asks, and after a
 crash or restart an upload resumes at the last durable offset.
+
+A chunk goes to the multipart upload when the store takes it as a part (S3: at least 5 MiB, by
+its Content-Length, or the upload's last chunk) and every chunk before it went there too; the
+rest of an upload whose chunk could not (too small, of unknown size, past 10,000 numbers) are
+part blobs. Each attempt takes a part number from the row first, so that racing attempts never
+overwrite each other's bytes; the loser's part is left out when the upload is completed.
 
 The chunk that fills the upload completes it: the parts, in order, are one byte stream into
 ``Vault.create_recording`` — the same size, probe, duration and transcription rules as a plain
-upload — under a recording id chosen when the upload was created. The completing process holds
+upload — under a recording id chosen when the upload was created. Chunks in the multipart upload
+need no copying: completing that upload makes the recording's blob (joined with the part blobs
+that followed, if any). The completing process holds
 a lease it renews; a completion whose process died is taken over (by the client's next HEAD or
 PATCH) and finishes exactly once, since its recording id is known beforehand. Refused media
 (not audio, too long) terminates the upload and removes its parts.
 
 Abandoned uploads expire ``upload_ttl`` seconds after their last chunk; ``expire_uploads``
-removes them with their parts (``voxvault gc`` and the periodic sweeper call it).
+removes them with their parts and aborts their multipart upload (``voxvault gc`` and the
+periodic sweeper call it), as termination does at once.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import logging
 import secrets
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypedDict
 
 import anyio
 import anyio.abc
 from pydantic import ValidationError
 
 from voxvault import checksums
-from voxvault.blobs import BlobInfo
+from voxvault.blobs import BlobInfo, BlobStore, StoredBlob
 from voxvault.blobs import keys as blob_keys
-from voxvault.blobs.base import AppendTarget, Digest
+from voxvault.blobs.base import AppendTarget, ByteCheck, Digest
 from voxvault.errors import (
     BackendUnavailable,
     ChecksumMismatch,
@@ -79,6 +91,18 @@ GROWN_PART: Final = "grown"
 """The one part of an upload whose chunks are appended in place (where the blob store can)."""
 _UPLOAD_ID_LENGTH = 32
 _HEX = frozenset("0123456789abcdef")
+
+
+class _RecordingFields(TypedDict):
+    """What an upload's metadata says of the recording it becomes."""
+
+    recording_id: str
+    filename: str | None
+    content_type: str | None
+    title: str | None
+    tags: list[str]
+    declared_size: int
+    transcribe: bool
 
 
 class _Moved(Exception):
@@ -348,7 +372,7 @@ class ResumableUploads:
             # A retry of the final chunk whose response was lost: nothing more to store.
             return await self.get(upload_id) if upload.status is UploadStatus.COMPLETING else upload
         if not self.vault.blobs.appends_in_place:
-            return await self._store_chunk(upload, chunks, checksum, None)
+            return await self._store_chunk(upload, chunks, checksum, None, declared_size)
         key = blob_keys.upload_part(upload.id, GROWN_PART)
         async with self.vault.blobs.appending(key) as grown:
             if grown.size != upload.offset:
@@ -386,13 +410,49 @@ class ResumableUploads:
         chunks: AsyncIterable[bytes],
         checksum: Checksum | None,
         grown: AppendTarget | None,
+        declared_size: int | None = None,
     ) -> Upload:
         """Store the chunk at the upload's offset: appended to ``grown``, the upload's blob grown
-        in place (held by this request), or else as a part blob of its own."""
-        offset, blobs = upload.offset, self.vault.blobs
-        running = _recent.resume(upload.id, offset)
+        in place (held by this request), or else as a part of the upload's multipart upload
+        where it can be one, or else as a part blob of its own."""
+        running = _recent.resume(upload.id, upload.offset)
         body = _verified(chunks, checksum)
         checks = [_ChecksumCheck(checksum)] if checksum else []
+        try:
+            numbered = None if grown is not None else await self._number(upload, declared_size)
+            appended: Upload | None
+            if numbered is not None:
+                upload, number = numbered
+                assert declared_size is not None
+                appended = await self._store_in_multipart(
+                    upload, number, body, declared_size, running, checks
+                )
+            else:
+                appended = await self._store_as_blob(upload, body, running, checks, grown)
+        except _Moved:
+            current = await self._get_live(upload.id)  # Gone when terminated meanwhile
+            raise Conflict(
+                f"another request moved the upload to offset {current.offset} meanwhile",
+                detail={"upload_offset": current.offset},
+            ) from None
+        if appended is None:
+            return upload  # an empty chunk
+        _recent.advance(appended, running)
+        if appended.status is UploadStatus.COMPLETING:
+            return await self._complete(appended)
+        return appended
+
+    async def _store_as_blob(
+        self,
+        upload: Upload,
+        body: AsyncIterable[bytes],
+        running: Digest | None,
+        checks: Sequence[ByteCheck],
+        grown: AppendTarget | None,
+    ) -> Upload | None:
+        """The chunk appended to ``grown`` or as a part blob; the upload as recorded with it
+        (None for an empty chunk), ``_Moved`` if the row moved meanwhile."""
+        offset, blobs = upload.offset, self.vault.blobs
         name = (
             GROWN_PART if grown is not None else f"{len(upload.parts):08d}-{secrets.token_hex(4)}"
         )
@@ -410,48 +470,127 @@ class ResumableUploads:
                 raise _Moved
             recorded.append(appended)
 
+        if grown is not None:
+            # Recorded as soon as the bytes are durable, while their hash catches up; a failure
+            # to record cuts them back off the file.
+            await grown.append(
+                offset,
+                body,
+                max_bytes=upload.length - offset,
+                sha256=running,
+                checks=checks,
+                then=record,
+            )
+        else:
+            key = blob_keys.upload_part(upload.id, name)
+            stored = await blobs.put_stream(
+                key,
+                body,
+                max_bytes=upload.length - offset,
+                allow_empty=True,
+                sha256=running,
+                checks=checks,
+            )
+            # Shielded: once the part is durable, the row must learn of it or it must go.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await record(stored.size)
+                finally:
+                    if not recorded:
+                        await blobs.delete(key)
+        return recorded[0] if recorded else None
+
+    # ---- the multipart upload of the recording's blob ------------------------------------------
+
+    async def _number(self, upload: Upload, declared_size: int | None) -> tuple[Upload, int] | None:
+        """The upload (with its multipart id) and the part number for a chunk of
+        ``declared_size`` bytes at its offset, if the chunk goes to the multipart upload; None
+        if it is to be a part blob. ``_Moved`` if the row moved on meanwhile.
+
+        The multipart upload is started by the first chunk that goes there; of processes
+        starting one at once, the first to claim a number makes its own the upload's, and the
+        others abort theirs."""
+        blobs = self.vault.blobs
+        limits = blobs.part_limits
+        if limits is None or declared_size is None or not 0 < declared_size <= limits.max_bytes:
+            return None
+        final = upload.offset + declared_size == upload.length
+        if declared_size < limits.min_bytes and not final:
+            return None
+        if not all(part.in_multipart for part in upload.parts):
+            return None  # the parts of the multipart upload come first, in one run
+        key = blob_keys.recording_original(upload.recording_id)
+        multipart_id, started = upload.multipart_id, None
+        if multipart_id is None:
+            multipart_id = started = await blobs.start_multipart(key)
+        claimed = None
         try:
-            if grown is not None:
-                # Recorded as soon as the bytes are durable, while their hash catches up; a
-                # failure to record cuts them back off the file.
-                await grown.append(
-                    offset,
-                    body,
-                    max_bytes=upload.length - offset,
-                    sha256=running,
-                    checks=checks,
-                    then=record,
-                )
-            else:
-                key = blob_keys.upload_part(upload.id, name)
-                stored = await blobs.put_stream(
-                    key,
-                    body,
-                    max_bytes=upload.length - offset,
-                    allow_empty=True,
-                    sha256=running,
-                    checks=checks,
-                )
-                # Shielded: once the part is durable, the row must learn of it or it must go.
+            claimed = await self.store.claim_part_number(
+                upload, multipart_id=multipart_id, now=_now()
+            )
+        finally:
+            if started is not None and (claimed is None or claimed[0] != started):
                 with anyio.CancelScope(shield=True):
-                    try:
-                        await record(stored.size)
-                    finally:
-                        if not recorded:
-                            await blobs.delete(key)
-        except _Moved:
-            current = await self._get_live(upload.id)  # Gone when terminated meanwhile
-            raise Conflict(
-                f"another request moved the upload to offset {current.offset} meanwhile",
-                detail={"upload_offset": current.offset},
-            ) from None
-        if not recorded:
-            return upload  # an empty chunk
-        appended = recorded[0]
-        _recent.advance(appended, running)
-        if appended.status is UploadStatus.COMPLETING:
-            return await self._complete(appended)
+                    await self._abort_multipart(key, started)
+        if claimed is None:
+            raise _Moved
+        multipart_id, number = claimed
+        if number > limits.max_number:
+            return None
+        return replace(upload, multipart_id=multipart_id), number
+
+    async def _store_in_multipart(
+        self,
+        upload: Upload,
+        number: int,
+        body: AsyncIterable[bytes],
+        size: int,
+        running: Digest | None,
+        checks: Sequence[ByteCheck],
+    ) -> Upload:
+        """The chunk, ``size`` bytes, as part ``number`` of the upload's multipart upload; the
+        upload as recorded with it, ``_Moved`` if the row moved meanwhile.
+
+        Only the whole chunk can be a part (S3 is told its size first): one cut short keeps
+        nothing, and the client sends it again from the offset it asks for."""
+        assert upload.multipart_id is not None
+        key = blob_keys.recording_original(upload.recording_id)
+        try:
+            stored = await self.vault.blobs.put_part(
+                key, upload.multipart_id, number, body, size=size, sha256=running, checks=checks
+            )
+        except BackendUnavailable:
+            # The multipart upload ends with the upload (terminated, or completed by the chunk
+            # that won a race): that, not the store's refusal of the part, is the answer.
+            current = await self._get_live(upload.id)
+            if (current.status, current.offset) != (UploadStatus.ACTIVE, upload.offset):
+                raise _Moved from None
+            raise
+        part = UploadPart(
+            name=f"multipart-{number:05d}", size=size, part_number=number, etag=stored.etag
+        )
+        now = _now()
+        with anyio.CancelScope(shield=True):
+            appended = await self.store.append_part(
+                upload, part, now=now, expires_at=now + self._ttl()
+            )
+        if appended is None:
+            # The part is left out when the upload completes. If the upload was terminated
+            # meanwhile, its abort may have come before the part was stored: abort again.
+            current = await self.store.get_upload(upload.workspace, upload.id)
+            if current.status is UploadStatus.TERMINATED:
+                with anyio.CancelScope(shield=True):
+                    await self._abort_multipart(key, upload.multipart_id)
+            raise _Moved
         return appended
+
+    async def _abort_multipart(self, key: str, multipart_id: str) -> None:
+        """Abort a multipart upload nobody will complete, as far as the store is reachable: what
+        a failure here leaves, the bucket's lifecycle rule removes."""
+        try:
+            await self.vault.blobs.abort_multipart(key, multipart_id)
+        except Exception:
+            log.warning("multipart upload %s of %s left behind", multipart_id, key, exc_info=True)
 
     # ---- completion --------------------------------------------------------------------------
 
@@ -496,27 +635,79 @@ class ResumableUploads:
             await vault.get_recording(upload.recording_id)
         except NotFound:
             meta = upload.metadata
+            fields = _RecordingFields(
+                recording_id=upload.recording_id,
+                filename=meta.get("filename"),
+                content_type=meta.get("content_type"),
+                title=meta.get("title"),
+                tags=_tags(meta.get("tags")),
+                declared_size=upload.length,
+                transcribe=_flag(meta.get("transcribe")),
+            )
             try:
-                await vault.create_recording_from_blobs(
-                    await self._part_keys_checked(upload),
-                    # Known when every chunk came through this process: no need to read them.
-                    sha256=_recent.sha256(upload.id, upload.length),
-                    part_sizes=[part.size for part in upload.parts],
-                    recording_id=upload.recording_id,
-                    filename=meta.get("filename"),
-                    content_type=meta.get("content_type"),
-                    title=meta.get("title"),
-                    tags=_tags(meta.get("tags")),
-                    declared_size=upload.length,
-                    transcribe=_flag(meta.get("transcribe")),
-                )
+                if _assembled(upload):
+                    # Stored by completing the multipart upload; then the same rules as any
+                    # recording (which remove the blob if they refuse it).
+                    await vault._create_recording(
+                        lambda key, limit: self._assemble(upload, key, limit), **fields
+                    )
+                else:
+                    await vault.create_recording_from_blobs(
+                        await self._part_keys_checked(upload),
+                        # Known when every chunk came through this process: no need to read them.
+                        sha256=_recent.sha256(upload.id, upload.length),
+                        part_sizes=[part.size for part in upload.parts],
+                        **fields,
+                    )
             except BackendUnavailable:
                 raise  # a store is away: the parts stay, and the next HEAD or PATCH retries
             except VoxVaultError as exc:
-                # Refused (not audio, too long, ...): nothing of the upload is kept.
+                # Refused (not audio, too long, ...): nothing of the upload is kept, the blob
+                # its multipart upload became included.
+                if _assembled(upload):
+                    await vault.blobs.delete(blob_keys.recording_original(upload.recording_id))
                 await self._settle(upload, UploadStatus.TERMINATED, error=exc.message)
                 raise
         return await self._settle(upload, UploadStatus.COMPLETED)
+
+    async def _assemble(self, upload: Upload, key: str, limit: int) -> StoredBlob:
+        """The recording's blob at ``key``: the upload's multipart upload completed, and joined
+        with the part blobs that followed it, if any.
+
+        Safe to run again after a crash at any point: a multipart upload completed before is
+        gone from the store, and the blob it became is told by its size (the multipart run's,
+        else the whole upload's once joined)."""
+        blobs = self.vault.blobs
+        assert upload.multipart_id is not None
+        run = [part for part in upload.parts if part.in_multipart]
+        rest = upload.parts[len(run) :]
+        run_size = sum(part.size for part in run)
+        numbered = [(part.part_number or 0, part.etag or "") for part in run]
+        # NotFound: completed before, by a process that died since or whose answer was lost.
+        with contextlib.suppress(NotFound):
+            await blobs.complete_multipart(key, upload.multipart_id, numbered)
+        try:
+            size = (await blobs.stat(key)).size
+        except NotFound:
+            raise NotFound(
+                f"the bytes of upload {upload.id} are gone (its multipart upload was aborted)"
+            ) from None
+        # Known when every chunk came through this process: no need to read them.
+        sha256 = _recent.sha256(upload.id, upload.length)
+        if rest and size == run_size:
+            keys = await self._part_keys_checked(replace(upload, parts=rest))
+            return await blobs.compose(
+                key,
+                [key, *keys],
+                sha256=sha256,
+                max_bytes=limit,
+                sizes=[run_size, *(part.size for part in rest)],
+            )
+        if size != upload.length:
+            raise BackendUnavailable(
+                f"the blob of upload {upload.id} holds {size} bytes, not {upload.length}"
+            )
+        return StoredBlob(key=key, size=size, sha256=sha256 or await _sha256_of(blobs, key, size))
 
     async def _settle(
         self, upload: Upload, status: UploadStatus, *, error: str | None = None
@@ -524,7 +715,7 @@ class ResumableUploads:
         now = _now()
         # Kept for a while (HEAD answers with the recording, or 410), then swept.
         expires_at = now + self._ttl()
-        await self.store.settle_upload(
+        settled = await self.store.settle_upload(
             upload.workspace,
             upload.id,
             status,
@@ -534,7 +725,8 @@ class ResumableUploads:
             error=error,
         )
         _recent.forget(upload.id)
-        await self._remove_parts(upload)
+        completed = status is UploadStatus.COMPLETED and _assembled(upload)
+        await self._remove_parts(settled or upload, abort=not completed)
         return Upload(
             id=upload.id,
             workspace=upload.workspace,
@@ -574,7 +766,7 @@ class ResumableUploads:
                 detail={"recording_id": upload.recording_id},
             )
         now = _now()
-        if not await self.store.settle_upload(
+        settled = await self.store.settle_upload(
             upload.workspace,
             upload.id,
             UploadStatus.TERMINATED,
@@ -582,20 +774,26 @@ class ResumableUploads:
             now=now,
             expires_at=now + self._ttl(),
             error="terminated by the client",
-        ):
+        )
+        if settled is None:
             await self.terminate(upload_id)  # it moved meanwhile: answer for its new state
             return
         _recent.forget(upload.id)
         with anyio.CancelScope(shield=True):
-            await self._remove_parts(upload)
+            await self._remove_parts(settled, abort=True)
 
-    async def _remove_parts(self, upload: Upload) -> None:
-        """Remove a settled upload's parts. The upload is settled either way: what a failure
-        here leaves, the next sweep removes (``sweep_parts``), so the request still succeeds."""
+    async def _remove_parts(self, upload: Upload, *, abort: bool) -> None:
+        """Remove a settled upload's parts, and with ``abort`` its multipart upload (as the row
+        has it once settled: no chunk can start one any more). The upload is settled either way:
+        what a failure here leaves, the next sweep (``sweep_parts``) or the upload's expiry
+        removes, so the request still succeeds."""
         try:
             await self.vault.blobs.delete_prefix(blob_keys.upload_prefix(upload.id))
         except Exception:
             log.warning("upload %s: its parts wait for the next sweep", upload.id, exc_info=True)
+        if abort and upload.multipart_id is not None:
+            key = blob_keys.recording_original(upload.recording_id)
+            await self._abort_multipart(key, upload.multipart_id)
 
     async def sweep_parts(self, older_than: datetime) -> list[str]:
         """Remove the part blobs no upload needs; returns their keys.
@@ -649,19 +847,31 @@ class ResumableUploads:
             for upload in batch:
                 # Tombstone first, so that no chunk lands after the bytes are gone; a chunk that
                 # extended the upload meanwhile keeps it alive.
-                unfinished = upload.status in (UploadStatus.ACTIVE, UploadStatus.COMPLETING)
-                if unfinished and not await self.store.settle_upload(
-                    upload.workspace,
-                    upload.id,
-                    UploadStatus.TERMINATED,
-                    from_statuses=[upload.status],
-                    now=now,
-                    expires_at=upload.expires_at,
-                    error="expired",
-                    expired_before=now,
-                ):
-                    continue
+                if upload.status in (UploadStatus.ACTIVE, UploadStatus.COMPLETING):
+                    settled = await self.store.settle_upload(
+                        upload.workspace,
+                        upload.id,
+                        UploadStatus.TERMINATED,
+                        from_statuses=[upload.status],
+                        now=now,
+                        expires_at=upload.expires_at,
+                        error="expired",
+                        expired_before=now,
+                    )
+                    if settled is None:
+                        continue
+                    upload = settled
                 await self.vault.blobs.delete_prefix(blob_keys.upload_prefix(upload.id))
+                if (
+                    upload.multipart_id is not None
+                    and upload.status is UploadStatus.TERMINATED
+                    and self.vault.blobs.part_limits is not None
+                ):
+                    # Aborted at termination already, unless that failed; a completed upload's
+                    # became the recording's blob.
+                    await self.vault.blobs.abort_multipart(
+                        blob_keys.recording_original(upload.recording_id), upload.multipart_id
+                    )
                 if await self.store.delete_upload(upload.workspace, upload.id):
                     removed += 1
                 progressed = True
@@ -672,6 +882,19 @@ class ResumableUploads:
 
 def _part_keys(upload: Upload) -> set[str]:
     return {blob_keys.upload_part(upload.id, part.name) for part in upload.parts}
+
+
+def _assembled(upload: Upload) -> bool:
+    """Whether the upload's bytes begin with parts of its multipart upload."""
+    return upload.multipart_id is not None and bool(upload.parts) and upload.parts[0].in_multipart
+
+
+async def _sha256_of(blobs: BlobStore, key: str, size: int) -> str:
+    """The blob's sha256, read back (hashed off the event loop)."""
+    digest = hashlib.sha256()
+    async for chunk in blobs.stream_range(key, 0, size):
+        await anyio.to_thread.run_sync(digest.update, chunk)
+    return digest.hexdigest()
 
 
 async def _verified(
