@@ -17,10 +17,10 @@ The chunk that fills the upload completes it: the parts, in order, are one byte 
 ``Vault.create_recording`` — the same size, probe, duration and transcription rules as a plain
 upload — under a recording id chosen when the upload was created. Chunks in the multipart upload
 need no copying: completing that upload makes the recording's blob (joined with the part blobs
-that followed, if any). The completing process holds
-a lease it renews; a completion whose process died is taken over (by the client's next HEAD or
-PATCH) and finishes exactly once, since its recording id is known beforehand. Refused media
-(not audio, too long) terminates the upload and removes its parts.
+that followed, if any). The completing process holds a lease it renews; a completion whose
+process died is taken over (by the client's next HEAD or PATCH) and finishes exactly once,
+since its recording id is known beforehand. Refused media (not audio, too long) terminates the
+upload and removes its parts.
 
 Abandoned uploads expire ``upload_ttl`` seconds after their last chunk; ``expire_uploads``
 removes them with their parts and aborts their multipart upload (``voxvault gc`` and the

@@ -84,11 +84,15 @@ class S3Multipart:
 
     def __init__(self, bucket: str, *, endpoint_url: str | None, region: str) -> None:
         import boto3
+        from botocore.exceptions import BotoCoreError
 
         self.bucket = bucket
-        self.client: Any = boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=_config(endpoint_url)
-        )
+        try:
+            self.client: Any = boto3.client(
+                "s3", endpoint_url=endpoint_url, region_name=region, config=_config(endpoint_url)
+            )
+        except BotoCoreError as exc:  # e.g. a profile named in the environment that is missing
+            _unavailable("setting up the client", exc)
 
     # ---- joining objects ----------------------------------------------------------------------
 
