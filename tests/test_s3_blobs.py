@@ -27,7 +27,7 @@ from tests.s3 import (
 )
 from voxvault.blobs import open_blob_store
 from voxvault.blobs.s3 import MIN_PART_BYTES, STREAM_WINDOW_BYTES, S3BlobStore
-from voxvault.blobs.s3_join import S3Multipart, joinable
+from voxvault.blobs.s3_multipart import S3Multipart, joinable
 from voxvault.errors import (
     BackendUnavailable,
     ConfigurationError,

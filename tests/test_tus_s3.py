@@ -23,7 +23,7 @@ from tests.media import riff_declaring
 from tests.s3 import S3Bucket, s3_bucket
 from voxvault import Settings, Vault
 from voxvault.blobs.s3 import S3BlobStore
-from voxvault.blobs.s3_join import S3Multipart
+from voxvault.blobs.s3_multipart import S3Multipart
 from voxvault.errors import BackendUnavailable, NotFound
 from voxvault.metadata.sql import SqlMetadataStore
 from voxvault.metadata.tables import uploads as uploads_table

@@ -648,7 +648,7 @@ class ResumableUploads:
                 if _assembled(upload):
                     # Stored by completing the multipart upload; then the same rules as any
                     # recording (which remove the blob if they refuse it).
-                    await vault._create_recording(
+                    await vault.create_recording_stored_by(
                         lambda key, limit: self._assemble(upload, key, limit), **fields
                     )
                 else:

@@ -268,7 +268,7 @@ class Vault:
         that chose the id beforehand so that a retry after a crash finds its recording (a
         completed resumable upload); it must not run twice at once for one id.
         """
-        return await self._create_recording(
+        return await self.create_recording_stored_by(
             lambda key, limit: self.blobs.put_stream(key, chunks, max_bytes=limit),
             filename=filename,
             content_type=content_type,
@@ -301,7 +301,7 @@ class Vault:
         as the bytes arrived, spares reading them back to hash them; ``part_sizes``, just
         checked by the caller, spares asking the store for them again.
         """
-        return await self._create_recording(
+        return await self.create_recording_stored_by(
             lambda key, limit: self.blobs.compose(
                 key, parts, sha256=sha256, max_bytes=limit, sizes=part_sizes
             ),
@@ -314,7 +314,7 @@ class Vault:
             recording_id=recording_id,
         )
 
-    async def _create_recording(
+    async def create_recording_stored_by(
         self,
         store: Callable[[str, int], Awaitable[StoredBlob]],
         *,
@@ -328,7 +328,11 @@ class Vault:
         recording_id: str | None,
     ) -> Recording:
         """Check the fields, ``store`` the bytes under the original's key (within the upload
-        limit), probe them and record them: the rules every new recording goes through."""
+        limit), probe them and record them: the rules every new recording goes through.
+
+        For callers whose bytes reach the store their own way (a resumable upload's multipart
+        upload completed into the original's key); refused, the blob ``store`` made is
+        removed like any other."""
         filename = check_filename(filename)
         fields = self._validate_patch(
             {"title": title, "tags": tags or [], "metadata": dict(metadata or {})}

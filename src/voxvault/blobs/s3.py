@@ -13,7 +13,7 @@ its multipart upload. A process that dies mid-upload cannot abort it, so buckets
 ``AbortIncompleteMultipartUpload`` lifecycle rule, as S3 itself recommends.
 
 A resumable upload's chunks go up as the parts of one multipart upload of the recording's own
-object (``put_part``, by boto3 in ``s3_join``), which completing the upload completes: nothing
+object (``put_part``, by boto3 in ``s3_multipart``), which completing the upload completes: nothing
 is copied. Joining other objects (``compose``) happens inside S3 too.
 
 Reads are ranged GETs, streamed; a long read is split into windows of ``STREAM_WINDOW_BYTES``
@@ -49,7 +49,7 @@ from voxvault.blobs.base import (
     too_large,
 )
 from voxvault.blobs.keys import validate_key
-from voxvault.blobs.s3_join import MAX_PART_BYTES, MAX_PARTS, S3Multipart, S3PartSink, joinable
+from voxvault.blobs.s3_multipart import MAX_PART_BYTES, MAX_PARTS, S3Multipart, S3PartSink, joinable
 from voxvault.errors import (
     BackendUnavailable,
     ConfigurationError,

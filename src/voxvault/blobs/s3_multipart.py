@@ -73,10 +73,7 @@ def _config(endpoint_url: str | None) -> Any:
         },
         "max_pool_connections": MAX_CONNECTIONS,
     }
-    try:
-        return Config(**options, request_checksum_calculation="when_required")
-    except TypeError:  # botocore before 1.36 checksums nothing it is not asked to
-        return Config(**options)
+    return Config(**options, request_checksum_calculation="when_required")
 
 
 class S3Multipart:
