@@ -23,7 +23,7 @@ from tests.media import riff_declaring
 from tests.s3 import S3Bucket, s3_bucket
 from voxvault import Settings, Vault
 from voxvault.blobs.s3 import S3BlobStore
-from voxvault.blobs.s3_multipart import S3Multipart
+from voxvault.blobs.s3_multipart import PartBody, S3Multipart
 from voxvault.errors import BackendUnavailable, NotFound
 from voxvault.metadata.sql import SqlMetadataStore
 from voxvault.metadata.tables import uploads as uploads_table
@@ -375,6 +375,46 @@ async def test_termination_aborts_the_multipart_upload(
     assert bucket.pending_uploads() == []
     assert bucket.object_names() == []
     assert (await patch(client, url, PART, data[PART:])).status_code == 410
+
+
+async def test_an_upload_whose_multipart_upload_the_store_aborted_ends_gone(
+    client: httpx.AsyncClient, bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = wav_of(3 * PART)
+    url = await create(client, len(data))
+    assert (await patch(client, url, 0, data[:PART])).status_code == 204
+    # A bucket lifecycle rule aborting incomplete multipart uploads, too soon for this one.
+    answer = bucket.client.list_multipart_uploads(Bucket=bucket.name)
+    for pending in answer["Uploads"]:
+        bucket.client.abort_multipart_upload(
+            Bucket=bucket.name, Key=pending["Key"], UploadId=pending["UploadId"]
+        )
+
+    # S3 answers a part of an aborted upload with 404 NoSuchUpload (mapped to NotFound, see
+    # test_a_part_of_an_upload_s3_no_longer_has_is_not_found); moto fails with a 500 instead.
+    def no_such_upload(self: S3Multipart, name: str, upload_id: str, *_: object) -> str:
+        raise NotFound(f"no multipart upload {upload_id!r} of {name!r}")
+
+    monkeypatch.setattr(S3Multipart, "upload_part", no_such_upload)
+    lost = await patch(client, url, PART, data[PART : 2 * PART])
+    assert lost.status_code == 410, lost.text
+    assert lost.json()["error"]["code"] == "gone"
+    assert (await client.head(url, headers=TUS)).status_code == 410
+    assert bucket.pending_uploads() == []
+    assert bucket.object_names() == []
+
+
+def test_a_part_of_an_upload_s3_no_longer_has_is_not_found(bucket: S3Bucket) -> None:
+    from botocore.stub import Stubber
+
+    multipart = S3Multipart(bucket.name, endpoint_url=bucket.endpoint, region="us-east-1")
+    with Stubber(multipart.client) as stub:
+        stub.add_client_error("upload_part", "NoSuchUpload", http_status_code=404)
+        stub.add_client_error("upload_part", "InternalError", http_status_code=500)
+        with pytest.raises(NotFound):
+            multipart.upload_part("k", "gone-id", 2, PartBody(), 0)
+        with pytest.raises(BackendUnavailable):
+            multipart.upload_part("k", "gone-id", 2, PartBody(), 0)
 
 
 async def test_a_termination_whose_abort_failed_is_aborted_at_expiry(

@@ -40,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Final, TypedDict
+from typing import TYPE_CHECKING, Final, NoReturn, TypedDict
 
 import anyio
 import anyio.abc
@@ -559,12 +559,14 @@ class ResumableUploads:
             stored = await self.vault.blobs.put_part(
                 key, upload.multipart_id, number, body, size=size, sha256=running, checks=checks
             )
-        except BackendUnavailable:
+        except (BackendUnavailable, NotFound) as exc:
             # The multipart upload ends with the upload (terminated, or completed by the chunk
             # that won a race): that, not the store's refusal of the part, is the answer.
             current = await self._get_live(upload.id)
             if (current.status, current.offset) != (UploadStatus.ACTIVE, upload.offset):
                 raise _Moved from None
+            if isinstance(exc, NotFound):
+                await self._lost(current)
             raise
         part = UploadPart(
             name=f"multipart-{number:05d}", size=size, part_number=number, etag=stored.etag
@@ -583,6 +585,30 @@ class ResumableUploads:
                     await self._abort_multipart(key, upload.multipart_id)
             raise _Moved
         return appended
+
+    async def _lost(self, upload: Upload) -> NoReturn:
+        """End an upload whose multipart upload the store no longer has (a bucket lifecycle rule
+        aborted it), with the chunks it held: no chunk can complete it any more."""
+        now = _now()
+        settled = await self.store.settle_upload(
+            upload.workspace,
+            upload.id,
+            UploadStatus.TERMINATED,
+            from_statuses=[UploadStatus.ACTIVE],
+            now=now,
+            expires_at=now + self._ttl(),
+            error="the store removed the chunks stored so far (its multipart upload was aborted)",
+        )
+        if settled is None:
+            raise _Moved
+        _recent.forget(upload.id)
+        with anyio.CancelScope(shield=True):
+            await self._remove_parts(settled, abort=False)
+        raise Gone(
+            f"upload {upload.id} is lost: the store removed the chunks stored so far; "
+            "upload the file again",
+            detail={"upload_id": upload.id},
+        )
 
     async def _abort_multipart(self, key: str, multipart_id: str) -> None:
         """Abort a multipart upload nobody will complete, as far as the store is reachable: what

@@ -154,6 +154,8 @@ class S3Multipart:
             )
         except (BotoCoreError, ClientError) as exc:
             body.raise_failure()  # the put gave up: that, not what it did to the request
+            if _code(exc) == "NoSuchUpload":
+                raise NotFound(f"no multipart upload {upload_id!r} of {name!r}") from None
             _unavailable(f"storing part {number} of {name!r}", exc)
         etag: str = answer["ETag"]
         return etag
