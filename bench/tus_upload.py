@@ -300,8 +300,10 @@ class TusUploadResult:
             notes=[
                 "On local disk a tus upload appends each chunk to one file per upload and syncs "
                 "it before answering; completion hard-links that file as the recording (no "
-                "copy), which is then probed as a plain upload is. On S3 each chunk is a part "
-                "object, joined inside S3 at completion (UploadPartCopy). The recording's "
+                "copy), which is then probed as a plain upload is. On S3 each chunk is sent as "
+                "a part of one multipart upload of the recording's own object (UploadPart), and "
+                "completion is the CompleteMultipartUpload, as for a plain upload. The "
+                "recording's "
                 "sha256 is taken as the chunks arrive; each chunk's CRC-32C is computed by the "
                 "client and verified by the server besides. The clients, the server and moto "
                 "share the machine's two CPUs: the Python client takes about twice curl's CPU "
