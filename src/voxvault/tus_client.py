@@ -59,8 +59,8 @@ SEND_SLICE_BYTES: Final = 1024 * 1024
 """A chunk goes out in slices of this size, so the progress bar moves within a chunk."""
 MAX_BACKOFF_S: Final = 10.0
 # How long an answer may take once a request is sent: a chunk is answered once it is durable,
-# the final one once the recording is made of the upload (on S3, joined inside S3). A server
-# silent for longer is taken as gone: a chunk is then resumed from HEAD.
+# the final one once the recording is made of the upload (on S3, once its multipart upload is
+# completed). A server silent for longer is taken as gone: a chunk is then resumed from HEAD.
 ANSWER_TIMEOUT_S: Final = 600.0
 _ERRORS: Final[dict[int, type[VoxVaultError]]] = {
     400: InvalidRequest,
