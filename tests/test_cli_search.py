@@ -116,7 +116,9 @@ def test_a_server_indexes_what_was_stored_before_the_index(data_dir: Path, tmp_p
     try:
         deadline = time.monotonic() + 30
         while True:
-            page = httpx.get(f"{server.url}/v1/search", params={"q": "budget"}).json()
+            answer = httpx.get(f"{server.url}/v1/search", params={"q": "budget"}, timeout=30)
+            assert answer.status_code == 200, answer.text  # answers while it indexes
+            page = answer.json()
             if page["items"] or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
