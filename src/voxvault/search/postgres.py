@@ -20,11 +20,14 @@ backwards and stops at the window, for a rare one it reads the GIN index: either
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from voxvault.errors import BackendUnavailable
 from voxvault.search.base import (
     DEFAULT_WINDOW,
     HIGHLIGHT_END,
@@ -163,6 +166,21 @@ class PostgresSearchIndex(SqlSearchIndex):
             _CANDIDATES.format(tsquery=any_config, own_reading=own_reading, where=where),
             {"tq": to_tsquery_text(query)},
         )
+
+    async def _run(
+        self, conn: AsyncConnection, driver: Any, sql: str, parameters: list[Any] | dict[str, Any]
+    ) -> Sequence[Sequence[Any]]:
+        # psycopg's own coroutines, awaited here: no greenlet switches and no result processing.
+        try:
+            cursor = await driver.execute(sql, parameters)
+            rows: Sequence[Sequence[Any]] = await cursor.fetchall()
+        except psycopg.Error as exc:
+            if not (driver.broken or driver.closed):
+                raise  # a failing statement on a live connection stays what it is
+            await conn.invalidate(exc)  # the pool opens a new one
+            reason = str(exc).strip().split("\n", 1)[0]
+            raise BackendUnavailable(f"the database is unreachable: {reason}") from exc
+        return rows
 
     def _snippet(self) -> str:
         options = (

@@ -10,9 +10,9 @@ ranks and pages those in SQL and asks ``_snippet`` for the page's snippets only.
 
 from __future__ import annotations
 
-import operator
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -31,15 +31,22 @@ from voxvault.search.base import (
 )
 from voxvault.search.query import SearchQuery
 
+# What both statements answer, one row per hit: IndexHit's fields in order, then the count of
+# ranked segments and of their recordings. Rows are read by position: a driver's rows carry no
+# names, and looking a column up by name costs more than making the hit.
+_HITS = """page.recording_id, page.title, page.has_playback, page.start, page."end",
+    page.speaker, page.text, {snippet} AS snippet, page.grp, page.total, page.groups"""
+
 _PAGE = """
 WITH candidates AS ({candidates}),
 ranked AS (SELECT c.*, count(*) OVER () AS total FROM candidates c),
 page AS (
-    SELECT * FROM ranked ORDER BY score, created_at DESC, recording_id, start, id
+    SELECT *, 0 AS grp, 0 AS groups FROM ranked
+    ORDER BY score, created_at DESC, recording_id, start, id
     LIMIT :limit OFFSET :offset
 )
-SELECT page.*, 0 AS grp, 0 AS groups, {snippet} AS snippet FROM page
-ORDER BY score, created_at DESC, recording_id, start, id
+SELECT {hits} FROM page
+ORDER BY page.score, page.created_at DESC, page.recording_id, page.start, page.id
 """
 
 _GROUPED_PAGE = """
@@ -59,22 +66,10 @@ page AS (
     SELECT * FROM counted
     WHERE nth <= :per_group AND grp > :offset AND grp <= :offset + :limit
 )
-SELECT page.*, {snippet} AS snippet FROM page ORDER BY grp, nth
+SELECT {hits} FROM page ORDER BY page.grp, page.nth
 """
 
 _TIMES = {"created_after", "created_before"}
-# The columns IndexHit is made of, in the order of its fields.
-_HIT_COLUMNS = (
-    "recording_id",
-    "title",
-    "has_playback",
-    "start",
-    "end",
-    "speaker",
-    "text",
-    "snippet",
-    "grp",
-)
 
 
 def language_prefix(language: str) -> str:
@@ -84,11 +79,43 @@ def language_prefix(language: str) -> str:
 
 @lru_cache(maxsize=256)
 def _text_statement(sql: str, times: frozenset[str]) -> sa.TextClause:
-    """The statement for ``sql``, made once per text: a statement object SQLAlchemy has run
-    before finds its compiled form without taking the text apart again. No result column is
-    typed (``created_at`` only orders), so the result needs no matching of columns by name."""
+    """The statement for ``sql``, made once per text, so that its driver's form
+    (``driver_statement``) is compiled once too; the times are bound as the columns they are
+    compared with."""
     bound = (sa.bindparam(name, type_=UTCDateTime()) for name in sorted(times))
     return sa.text(sql).bindparams(*bound)
+
+
+@dataclass(frozen=True, slots=True)
+class DriverStatement:
+    """A statement as its driver takes it: the SQL in the driver's own placeholders, and what
+    turns the statement's values into the driver's parameters, encoded as SQLAlchemy would
+    encode them (a datetime as SQLite's text, for one)."""
+
+    sql: str
+    positions: tuple[str, ...] | None
+    """The value of each ``?`` in turn (sqlite3); ``None`` for named placeholders (psycopg)."""
+    encoders: tuple[tuple[str, Callable[[Any], Any]], ...]
+
+    def parameters(self, values: dict[str, Any]) -> list[Any] | dict[str, Any]:
+        if self.encoders:
+            values = values | {name: encode(values[name]) for name, encode in self.encoders}
+        if self.positions is None:
+            return values
+        return [values[name] for name in self.positions]
+
+
+@lru_cache(maxsize=256)
+def driver_statement(statement: sa.TextClause, dialect: sa.Dialect) -> DriverStatement:
+    """``statement`` for ``dialect``'s driver, compiled once per statement object."""
+    compiled = statement.compile(dialect=dialect)
+    encoders = []
+    for name, bind in compiled.binds.items():
+        encode = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if encode is not None:
+            encoders.append((name, encode))
+    positions = None if compiled.positiontup is None else tuple(compiled.positiontup)
+    return DriverStatement(str(compiled), positions, tuple(encoders))
 
 
 class SqlSearchIndex(SearchIndex):
@@ -176,20 +203,28 @@ class SqlSearchIndex(SearchIndex):
         statement, values = await self.statement(
             conn, workspace, query, filters, offset=offset, limit=limit, per_group=per_group
         )
-        result = await conn.execute(statement, values)
-        # By position: looking a Row's columns up by name costs more than making the hit.
-        keys = list(result.keys())
-        pick = operator.itemgetter(*(keys.index(name) for name in _HIT_COLUMNS))
-        rows = result.all()
+        # On the connection's driver: no SQLAlchemy execute, so no result processing and no
+        # transaction begun on the connection, whose end would cost one more round trip.
+        bare = driver_statement(statement, conn.dialect)
+        driver = (await conn.get_raw_connection()).driver_connection
+        rows = await self._run(conn, driver, bare.sql, bare.parameters(values))
         hits = [
             IndexHit(rid, title, bool(playback), start, end, who, text, snippet or text, grp)
-            for rid, title, playback, start, end, who, text, snippet, grp in map(pick, rows)
+            for rid, title, playback, start, end, who, text, snippet, grp, _, _ in rows
         ]
-        total = rows[0].total if rows else 0
-        groups = rows[0].groups if rows else 0
+        total, groups = (rows[0][-2], rows[0][-1]) if rows else (0, 0)
         return IndexPage(
             hits=hits, total=min(total, self.window), groups=groups, truncated=total > self.window
         )
+
+    @abstractmethod
+    async def _run(
+        self, conn: AsyncConnection, driver: Any, sql: str, parameters: list[Any] | dict[str, Any]
+    ) -> Sequence[Sequence[Any]]:
+        """The rows of ``sql`` run on ``driver``, the driver connection under ``conn``, each
+        its columns in order. A database that cannot answer now (the connection lost, SQLite
+        busy past its timeout) raises ``BackendUnavailable``, as a lost one does through
+        SQLAlchemy (``_unreachable_is_unavailable``)."""
 
     async def statement(
         self,
@@ -207,7 +242,7 @@ class SqlSearchIndex(SearchIndex):
         candidates, match_params = await self._candidates(conn, query, filters, where)
         template = _PAGE if per_group is None else _GROUPED_PAGE
         statement = _text_statement(
-            template.format(candidates=candidates, snippet=self._snippet()),
+            template.format(candidates=candidates, hits=_HITS.format(snippet=self._snippet())),
             frozenset(_TIMES & params.keys()),
         )
         values: dict[str, Any] = {

@@ -11,10 +11,13 @@ not a scan of every match.
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from voxvault.errors import BackendUnavailable
 from voxvault.search.base import HIGHLIGHT_END, HIGHLIGHT_START, SNIPPET_WORDS, SearchFilters
 from voxvault.search.query import SearchQuery, to_fts5
 from voxvault.search.sql import SqlSearchIndex
@@ -62,6 +65,22 @@ class SqliteSearchIndex(SqlSearchIndex):
     @staticmethod
     def _prefixed(query: SearchQuery) -> bool:
         return any(term.prefix for group in query.groups for term in group)
+
+    async def _run(
+        self, conn: AsyncConnection, driver: Any, sql: str, parameters: list[Any] | dict[str, Any]
+    ) -> Sequence[Sequence[Any]]:
+        # One round trip to aiosqlite's thread, where SQLAlchemy takes five (cursor, statement,
+        # rows, cursor close, and the rollback when the connection closes). sqlite3 begins no
+        # transaction for a SELECT, so the pool's reset (``_sqlite_reset``) has none to end.
+        try:
+            rows: Sequence[Sequence[Any]] = await driver.execute_fetchall(sql, parameters)
+        except sqlite3.OperationalError as exc:
+            # Busy past the busy timeout, or the disk failing; a plain SQLITE_ERROR is a
+            # statement this code got wrong, which no retry would mend.
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_ERROR:
+                raise
+            raise BackendUnavailable(f"the database could not be searched: {exc}") from exc
+        return rows
 
     def _snippet(self) -> str:
         return f"coalesce(page.candidate_snippet, {_SNIPPET})"
