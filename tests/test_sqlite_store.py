@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import sqlite3
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from voxvault import Settings, Vault
+from voxvault.errors import BackendUnavailable
+from voxvault.metadata import DEFAULT_WORKSPACE
 from voxvault.metadata.sql import SqlMetadataStore
+from voxvault.metadata.uploads import (
+    Upload,
+    UploadPart,
+    UploadStatus,
+    UploadStore,
+    open_upload_store,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -116,3 +127,73 @@ async def test_an_exhausted_connection_pool_is_backend_unavailable(tmp_path: Pat
             assert (await again.exec_driver_sql("SELECT 1")).scalar() == 1
     finally:
         await engine.dispose()
+
+
+async def _store_with_an_upload(path: Path) -> tuple[SqlMetadataStore, UploadStore, Upload]:
+    metadata = SqlMetadataStore(f"sqlite:///{path}")
+    await metadata.migrate()
+    store = open_upload_store(metadata)
+    now = datetime.now(UTC)
+    upload = Upload(
+        id=uuid.uuid4().hex,
+        workspace=DEFAULT_WORKSPACE,
+        length=100,
+        offset=0,
+        metadata={},
+        status=UploadStatus.ACTIVE,
+        recording_id=uuid.uuid4().hex,
+        created_at=now,
+        updated_at=now,
+        expires_at=now + timedelta(days=1),
+    )
+    await store.create_upload(upload)
+    return metadata, store, upload
+
+
+async def test_a_recorded_chunk_is_committed_and_holds_no_lock(tmp_path: Path) -> None:
+    """The update recording a chunk commits itself: another process sees it at once and can
+    write at once."""
+    metadata, store, upload = await _store_with_an_upload(tmp_path / "meta.db")
+    try:
+        now = datetime.now(UTC)
+        appended = await store.append_part(
+            upload, UploadPart("grown", 40), now=now, expires_at=now + timedelta(days=1)
+        )
+        assert appended is not None
+        other = sqlite3.connect(tmp_path / "meta.db", timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # "database is locked" if a transaction were open
+            offset = other.execute(
+                "SELECT upload_offset FROM uploads WHERE id = ?", (upload.id,)
+            ).fetchone()
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        assert offset == (40,)
+    finally:
+        await metadata.close()
+
+
+async def test_a_chunk_that_cannot_be_recorded_while_the_database_is_locked_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("voxvault.metadata.sql.SQLITE_BUSY_TIMEOUT_MS", 100)
+    metadata, store, upload = await _store_with_an_upload(tmp_path / "meta.db")
+    holder = sqlite3.connect(tmp_path / "meta.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        now = datetime.now(UTC)
+        with pytest.raises(BackendUnavailable):
+            await store.append_part(
+                upload, UploadPart("grown", 40), now=now, expires_at=now + timedelta(days=1)
+            )
+        holder.execute("ROLLBACK")
+        assert (await store.get_upload(DEFAULT_WORKSPACE, upload.id)).offset == 0
+        appended = await store.append_part(
+            upload, UploadPart("grown", 40), now=now, expires_at=now + timedelta(days=1)
+        )
+        assert appended is not None
+        assert appended.offset == 40
+    finally:
+        holder.close()
+        await metadata.close()

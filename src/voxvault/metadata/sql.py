@@ -40,6 +40,7 @@ from voxvault.errors import (
     NotFound,
 )
 from voxvault.metadata.base import MetadataStore, RecordingBlobs
+from voxvault.metadata.sqlite_autocommit import SqliteAutocommit
 from voxvault.metadata.tables import (
     artifacts,
     jobs,
@@ -84,12 +85,20 @@ def _driver_urls(url: str) -> tuple[str, str]:
     )
 
 
+def _sqlite_pragma_statements() -> list[str]:
+    """What every connection to a SQLite file runs first."""
+    return [
+        "PRAGMA journal_mode=WAL",
+        "PRAGMA synchronous=FULL",
+        "PRAGMA foreign_keys=ON",
+        f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+    ]
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    for pragma in _sqlite_pragma_statements():
+        cursor.execute(pragma)
     cursor.close()
 
 
@@ -258,6 +267,12 @@ class SqlMetadataStore(MetadataStore):
                 self._search_engine.sync_engine, "handle_error", _unreachable_is_unavailable
             )
         self.search_index = _search_index(self.dialect)
+        # Resumable uploads record each stored chunk on a connection of their own (see there).
+        self.autocommit: SqliteAutocommit | None = None
+        if sqlite and not in_memory:
+            database = make_url(async_url).database
+            assert database is not None
+            self.autocommit = SqliteAutocommit(database, _sqlite_pragma_statements)
 
     @classmethod
     def from_url(cls, url: str) -> SqlMetadataStore:
@@ -295,6 +310,8 @@ class SqlMetadataStore(MetadataStore):
             raise BackendUnavailable(f"the database is unreachable: {exc}") from exc
 
     async def close(self) -> None:
+        if self.autocommit is not None:
+            await self.autocommit.close()
         if self._search_engine is not self.engine:
             await self._search_engine.dispose()
         await self.engine.dispose()

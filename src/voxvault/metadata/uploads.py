@@ -18,7 +18,6 @@ one wins.
 from __future__ import annotations
 
 import enum
-import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,8 +27,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from voxvault.errors import BackendUnavailable, NotFound
+from voxvault.errors import NotFound
 from voxvault.metadata.base import MetadataStore
+from voxvault.metadata.sqlite_autocommit import SqliteAutocommit
 from voxvault.metadata.tables import uploads
 
 
@@ -209,13 +209,12 @@ _SQLITE_APPEND = (
 
 
 class _SqliteAppend:
-    """``append_part``'s update on SQLite in two round trips to aiosqlite's thread (the
-    statement, the commit) where SQLAlchemy takes five (cursor, statement, cursor close,
-    commit...): it runs once per stored chunk, and the chunk's answer waits for it. The values
-    are encoded by the columns' own types, so the row reads back as any other."""
+    """``append_part``'s update on SQLite, on the store's autocommit connection: it runs once
+    per stored chunk, and the chunk's answer waits for it. The values are encoded by the
+    columns' own types, so the row reads back as any other."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: AsyncEngine, autocommit: SqliteAutocommit) -> None:
+        self._autocommit = autocommit
         columns = (*_APPEND_COLUMNS, "id", "workspace_id", "upload_offset", "status", "expires_at")
         self._encoders = [self._encoder(uploads.c[name].type, engine.dialect) for name in columns]
 
@@ -229,25 +228,17 @@ class _SqliteAppend:
     async def __call__(self, *values: Any) -> int:
         """Run the update with ``values`` for its ``?`` in order; the rows it changed."""
         params = [encode(value) for encode, value in zip(self._encoders, values, strict=True)]
-        async with self.engine.connect() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
-            try:
-                cursor = await driver.execute(_SQLITE_APPEND, params)
-                await driver.commit()
-            except sqlite3.OperationalError as exc:
-                # Busy past the busy timeout, or the disk failing: the pool rolls back.
-                raise BackendUnavailable(f"the database could not record the chunk: {exc}") from exc
-            changed: int = cursor.rowcount
-            return changed
+        return await self._autocommit.execute(_SQLITE_APPEND, params)
 
 
 class SqlUploadStore(UploadStore):
     """Upload rows on the metadata store's own SQLAlchemy engine (SQLite or PostgreSQL)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, autocommit: SqliteAutocommit | None = None) -> None:
+        """``autocommit``: the SQLite file's autocommit connection, which records chunks (else
+        they are recorded through the engine, as on PostgreSQL)."""
         self.engine = engine
-        self._sqlite_append = _SqliteAppend(engine) if engine.dialect.name == "sqlite" else None
+        self._sqlite_append = _SqliteAppend(engine, autocommit) if autocommit else None
 
     @staticmethod
     def _row(workspace: str, upload_id: str) -> sa.ColumnElement[bool]:
@@ -476,4 +467,4 @@ def open_upload_store(metadata: MetadataStore) -> UploadStore:
 
     if not isinstance(metadata, SqlMetadataStore):  # pragma: no cover - the only adapter today
         raise NotImplementedError(f"no upload store beside {type(metadata).__name__}")
-    return SqlUploadStore(metadata.engine)
+    return SqlUploadStore(metadata.engine, metadata.autocommit)
