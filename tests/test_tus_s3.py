@@ -5,7 +5,6 @@ completion cut short and taken over; and memory that stays flat whatever a chunk
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import tracemalloc
@@ -21,20 +20,16 @@ import pytest
 from tests.conftest import within
 from tests.media import riff_declaring
 from tests.s3 import S3Bucket, s3_bucket
+from tests.test_tus import CHUNK, TUS, create, patch, set_upload_row, sha1_header
 from voxvault import Settings, Vault
 from voxvault.blobs.s3 import S3BlobStore
 from voxvault.blobs.s3_multipart import PartBody, S3Multipart
 from voxvault.errors import BackendUnavailable, NotFound
-from voxvault.metadata.sql import SqlMetadataStore
-from voxvault.metadata.tables import uploads as uploads_table
 
 pytestmark = pytest.mark.anyio
 
 MiB = 1024 * 1024
 PART = 5 * MiB  # the smallest part S3 takes but for the last
-TUS = {"Tus-Resumable": "1.0.0"}
-CHUNK = {**TUS, "Content-Type": "application/offset+octet-stream"}
-UPLOADS = "/files/v1/uploads"
 
 
 def wav_of(size: int) -> bytes:
@@ -53,28 +48,6 @@ def settings(data_dir: Path, bucket: S3Bucket) -> Settings:
     return Settings(data_dir=data_dir, blob_url=bucket.url, max_upload_bytes=64 * MiB)
 
 
-async def create(client: httpx.AsyncClient, length: int) -> str:
-    response = await client.post(
-        UPLOADS,
-        headers={
-            **TUS,
-            "Upload-Length": str(length),
-            "Upload-Metadata": f"transcribe {base64.b64encode(b'false').decode()}",
-        },
-    )
-    assert response.status_code == 201, response.text
-    location: str = response.headers["Location"]
-    return location
-
-
-async def patch(
-    client: httpx.AsyncClient, url: str, offset: int, data: bytes, **headers: str
-) -> httpx.Response:
-    return await client.patch(
-        url, content=data, headers={**CHUNK, "Upload-Offset": str(offset), **headers}
-    )
-
-
 async def send(
     client: httpx.AsyncClient, url: str, data: bytes, sizes: Sequence[int], start: int = 0
 ) -> httpx.Response:
@@ -85,10 +58,6 @@ async def send(
         assert response.status_code == 204, response.text
         offset += size
     return response
-
-
-def sha1_header(data: bytes) -> str:
-    return f"sha1 {base64.b64encode(hashlib.sha1(data).digest()).decode()}"
 
 
 def upload_id_of(url: str) -> str:
@@ -109,14 +78,6 @@ def multipart_parts(bucket: S3Bucket) -> dict[str, list[int]]:
         ).get("Parts", [])
         found.setdefault(each["Key"], []).extend(p["PartNumber"] for p in parts)
     return found
-
-
-async def set_upload_row(vault: Vault, url: str, **values: Any) -> None:
-    assert isinstance(vault.metadata, SqlMetadataStore)
-    async with vault.metadata.engine.begin() as conn:
-        await conn.execute(
-            uploads_table.update().where(uploads_table.c.id == upload_id_of(url)).values(**values)
-        )
 
 
 async def recording_of(client: httpx.AsyncClient, response: httpx.Response) -> dict[str, Any]:

@@ -589,21 +589,9 @@ class ResumableUploads:
     async def _lost(self, upload: Upload) -> NoReturn:
         """End an upload whose multipart upload the store no longer has (a bucket lifecycle rule
         aborted it), with the chunks it held: no chunk can complete it any more."""
-        now = _now()
-        settled = await self.store.settle_upload(
-            upload.workspace,
-            upload.id,
-            UploadStatus.TERMINATED,
-            from_statuses=[UploadStatus.ACTIVE],
-            now=now,
-            expires_at=now + self._ttl(),
-            error="the store removed the chunks stored so far (its multipart upload was aborted)",
-        )
-        if settled is None:
+        error = "the store removed the chunks stored so far (its multipart upload was aborted)"
+        if not await self._end_active(upload, error, abort=False):
             raise _Moved
-        _recent.forget(upload.id)
-        with anyio.CancelScope(shield=True):
-            await self._remove_parts(settled, abort=False)
         raise Gone(
             f"upload {upload.id} is lost: the store removed the chunks stored so far; "
             "upload the file again",
@@ -791,6 +779,12 @@ class ResumableUploads:
                 "the upload is complete; delete the recording it became instead",
                 detail={"recording_id": upload.recording_id},
             )
+        if not await self._end_active(upload, "terminated by the client", abort=True):
+            await self.terminate(upload_id)  # it moved meanwhile: answer for its new state
+
+    async def _end_active(self, upload: Upload, error: str, *, abort: bool) -> bool:
+        """Terminate ``upload`` if it is still active, and remove its parts (and with ``abort``
+        its multipart upload); False if it had moved on meanwhile."""
         now = _now()
         settled = await self.store.settle_upload(
             upload.workspace,
@@ -799,14 +793,14 @@ class ResumableUploads:
             from_statuses=[UploadStatus.ACTIVE],
             now=now,
             expires_at=now + self._ttl(),
-            error="terminated by the client",
+            error=error,
         )
         if settled is None:
-            await self.terminate(upload_id)  # it moved meanwhile: answer for its new state
-            return
+            return False
         _recent.forget(upload.id)
         with anyio.CancelScope(shield=True):
-            await self._remove_parts(settled, abort=True)
+            await self._remove_parts(settled, abort=abort)
+        return True
 
     async def _remove_parts(self, upload: Upload, *, abort: bool) -> None:
         """Remove a settled upload's parts, and with ``abort`` its multipart upload (as the row
