@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import math
 import random
 import re
@@ -34,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 
 from bench.backends import Skipped, Unavailable, postgres_database
 from bench.common import (
     BenchError,
+    KeepAliveClient,
     Server,
     clean_env,
     fmt,
@@ -458,13 +459,13 @@ def _plan(execute: Callable[[str, Any], list[Any]], bare: Bare) -> str:
     return ", ".join(keep)
 
 
-def _api_once(client: httpx.Client, q: str) -> tuple[float, int, bool]:
+def _api_once(client: KeepAliveClient, q: str) -> tuple[float, int, bool]:
     started = time.perf_counter()
-    response = client.get("/v1/search", params={"q": q})
+    status, content = client.get("/v1/search", {"q": q})
     elapsed = time.perf_counter() - started
-    if response.status_code != 200:
-        raise BenchError(f"GET /v1/search?q={q} answered {response.status_code}: {response.text}")
-    body = response.json()
+    if status != 200:
+        raise BenchError(f"GET /v1/search?q={q} answered {status}: {content[:500]!r}")
+    body = json.loads(content)
     return elapsed, len(body["items"]), bool(body["truncated"])
 
 
@@ -488,7 +489,7 @@ def measure_engine(
     plans: dict[str, str] = {}
     with (
         _driver(backend, url) as execute,
-        httpx.Client(base_url=server.base_url, timeout=120.0, trust_env=False) as client,
+        KeepAliveClient(server) as client,
     ):
         for qc in classes:
             bare = statements[qc.key]
@@ -621,7 +622,9 @@ class SearchResult:
         notes = [
             "Ratios of the query rows are API p50 / bare p50 (the p95 ratio beside the verdict); "
             "the API time is one `GET /v1/search?q=…` (default page of 20, snippets and signed "
-            "playback links) from a keep-alive httpx client, request sent to body read; the bare "
+            "playback links) from a keep-alive `http.client` connection (the standard "
+            "library's; httpx's own work per request, 0.2 to 1 ms here, would be counted "
+            "against the server), request sent to body read; the bare "
             "time is the same statement executed and its rows fetched on one driver connection. "
             f"Up to {self.samples} samples of each per class after {WARMUP} warm-ups, API and "
             f"bare alternating; slow classes get fewer (about {CLASS_BUDGET_S:.0f} s per class, "
