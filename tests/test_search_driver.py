@@ -16,8 +16,11 @@ import sqlalchemy as sa
 
 from tests.conformance.test_metadata_store import BASE_TIME, WS, store
 from tests.conformance.test_search_index import recorded
+from tests.faults import TcpProxy
+from tests.postgres import postgres_database
 from voxvault import Settings, Vault
 from voxvault.api import create_app
+from voxvault.errors import BackendUnavailable
 from voxvault.metadata import MetadataStore
 from voxvault.metadata import sql as metadata_sql
 from voxvault.metadata.sql import SqlMetadataStore
@@ -216,3 +219,29 @@ async def test_sqlite_failing_the_search_statement_is_a_503(tmp_path: Path) -> N
         assert (await _search(vault)).status_code == 200
     finally:
         await vault.close()
+
+
+async def test_a_search_whose_pooled_connection_died_runs_again_on_a_new_one() -> None:
+    # PostgreSQL's search connections are not pinged before each use (a round trip per
+    # search): one the database dropped while it idled in the pool (a restart, a reset path)
+    # fails at the statement, and the search then runs once more on a new connection. Only a
+    # database that cannot be reached at all is a 503.
+    with postgres_database() as url, TcpProxy.for_url(url) as proxy:
+        store = SqlMetadataStore(proxy.url_for(url))
+        try:
+            await store.migrate()
+            await recorded(store, "the budget for next year", "nothing else")
+            query, filters = parse_query("budget"), SearchFilters()
+            first = await store.search(WS, query, filters, offset=0, limit=10)
+            assert [hit.text for hit in first.hits] == ["the budget for next year"]
+            accepted = proxy.accepted
+            with proxy.outage():  # every open connection reset, the pool's idle one too
+                pass
+            assert await store.search(WS, query, filters, offset=0, limit=10) == first
+            assert proxy.accepted == accepted + 1  # the dead one replaced by one new one
+            with proxy.outage():
+                with pytest.raises(BackendUnavailable):
+                    await store.search(WS, query, filters, offset=0, limit=10)
+            assert await store.search(WS, query, filters, offset=0, limit=10) == first
+        finally:
+            await store.close()

@@ -253,13 +253,14 @@ class SqlMetadataStore(MetadataStore):
         # PostgreSQL it runs on connections of its own that stay in autocommit: no BEGIN and
         # ROLLBACK round trips around it, and no switching of a connection's mode when it is
         # checked out and returned (the pre-ping alone switches the engine's on and off again).
+        # Nor are they pinged before each use, a round trip per search: a search whose
+        # connection turns out dead runs once more on a new one instead (``search``).
         # SQLite begins no transaction for a SELECT, so its searches share the one engine.
         self._search_engine = self.engine
         if self.dialect != "sqlite":
             self._search_engine = create_async_engine(
                 async_url,
                 isolation_level="AUTOCOMMIT",
-                pool_pre_ping=True,
                 connect_args=connect_args,
                 poolclass=_Pool,
             )
@@ -648,10 +649,25 @@ class SqlMetadataStore(MetadataStore):
                 created_after=filters.created_after and _utc(filters.created_after),
                 created_before=filters.created_before and _utc(filters.created_before),
             )
-        async with self._search_engine.connect() as conn:
-            return await self.search_index.search(
-                conn, workspace, query, filters, offset=offset, limit=limit, per_group=per_group
-            )
+        for attempt in (1, 2):
+            async with self._search_engine.connect() as conn:
+                try:
+                    return await self.search_index.search(
+                        conn,
+                        workspace,
+                        query,
+                        filters,
+                        offset=offset,
+                        limit=limit,
+                        per_group=per_group,
+                    )
+                except BackendUnavailable:
+                    # The pooled connection was dead (the database restarted, or a network
+                    # path reset it while idle) and is now invalidated: a read is safe to
+                    # run again, on a new connection. Unreachable twice is a 503.
+                    if attempt == 2 or not conn.invalidated:
+                        raise
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def reindex_recording(self, recording_id: str) -> bool:
         async with self.engine.begin() as conn:
