@@ -320,6 +320,8 @@ async def test_hostile_queries_are_text_and_change_nothing(client: httpx.AsyncCl
     listing = (await client.get("/v1/recordings")).json()["items"]
     assert made["id"] in [r["id"] for r in listing]
     assert await hits(client, "budget") == before
+    # A parameter the search does not know is ignored (a cache buster, say), as elsewhere.
+    assert await hits(client, "budget", _="1700000000") == before
     transcript = (await client.get(f"/v1/recordings/{made['id']}/transcript")).json()
     assert transcript["version"] == 1
     assert len(transcript["segments"]) == 3

@@ -260,7 +260,14 @@ class SearchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    q: str
+    q: Annotated[
+        str,
+        Field(
+            description="Words (all must match, case- and accent-insensitive, stemmed), "
+            '`"exact phrases"`, `a OR b`, `-excluded`, `prefix*`. At most 1,000 characters; '
+            "anything else is text."
+        ),
+    ]
     tag: Tag | None = None
     speaker: Annotated[str | None, Field(min_length=1, max_length=100)] = None
     language: Annotated[str | None, Field(pattern=LANGUAGE_PATTERN.pattern)] = None
@@ -269,10 +276,13 @@ class SearchRequest(BaseModel):
     created_before: datetime | None = None
     limit: Annotated[int, Field(ge=1, le=100)] = 20
     cursor: Annotated[str | None, Field(max_length=512)] = None
-    group: Literal["recording"] | None = None
-    """``recording``: one item per recording, ranked by its best hit, with its best hits."""
-    per_group: Annotated[int, Field(ge=1, le=20)] = 3
-    """Hits per recording when grouped."""
+    group: Annotated[
+        Literal["recording"] | None,
+        Field(description="`recording`: one item per recording, ranked by its best hit."),
+    ] = None
+    per_group: Annotated[
+        int, Field(ge=1, le=20, description="Hits per recording when grouped.")
+    ] = 3
 
 
 class SearchHit(BaseModel):

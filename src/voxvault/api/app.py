@@ -74,6 +74,6 @@ def create_app(
     app.add_middleware(tus.TusHeaders)
     # Routes are matched in this order: a resumable upload's chunks, the requests that come in
     # the longest runs, are matched first (about 0.1 ms less of each 8 MiB chunk's 15).
-    for router in (tus, system, recordings, jobs, transcripts, artifacts, playback, search):
+    for router in (tus, search, system, recordings, jobs, transcripts, artifacts, playback):
         app.include_router(router.router)
     return app
