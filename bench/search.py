@@ -63,6 +63,7 @@ SAMPLES = 200
 MIN_SAMPLES = 5
 CLASS_BUDGET_S = 10.0  # fewer samples (not fewer than MIN_SAMPLES) for slow classes
 WARMUP = 2
+FLOOR_SAMPLES = 200
 SERVER_WARMUP_S = 3.0  # every class in turn, API and bare, before the first is timed
 NAIVE_RUNS = 3
 PAGE = 20  # the API's default page
@@ -400,6 +401,8 @@ class EngineResult:
     classes: Sequence[ClassResult]
     naive: Timing
     naive_sql: str
+    floor: Timing
+    """``GET /healthz`` on the same connection: what any request to this server costs."""
     plans: dict[str, str]
 
 
@@ -492,6 +495,17 @@ def _warm_up(
             return
 
 
+def _floor(client: KeepAliveClient) -> Timing:
+    times = []
+    for _ in range(FLOOR_SAMPLES):
+        started = time.perf_counter()
+        status, content = client.get("/healthz")
+        times.append(time.perf_counter() - started)
+        if status != 200:
+            raise BenchError(f"GET /healthz answered {status}: {content[:500]!r}")
+    return Timing.of(times)
+
+
 def measure_engine(
     backend: str,
     url: str,
@@ -546,8 +560,10 @@ def measure_engine(
             )
             results.append(result)
         naive = _naive(backend, execute, common_word)
+        floor = _floor(client)
     log(f"[search] {NAMES[backend]}, naive ranked query over '{common_word}': {naive.text} ms")
-    return EngineResult(backend, build, results, naive, _naive_sql(backend), plans)
+    log(f"[search] {NAMES[backend]}, GET /healthz: {floor.text} ms")
+    return EngineResult(backend, build, results, naive, _naive_sql(backend), floor, plans)
 
 
 # ---- the result --------------------------------------------------------------------------------
@@ -667,6 +683,12 @@ class SearchResult:
                 for c in e.classes
             )
             + ".",
+            "For scale, the least any request to the server costs: `GET /healthz` on the "
+            "same connection, p50 / p95 "
+            + "; ".join(f"{NAMES[e.backend]} {e.floor.text} ms" for e in self.engines)
+            + ". A statement that takes well under a millisecond or two cannot stay within "
+            "1.5× over HTTP here: that floor, FastAPI's routing and validation, the store's "
+            "connection checkout and the hits' snippets, links and JSON come on top of it.",
             "The search ranks at most the newest 1,000 matching segments (`truncated` in the "
             "answer says more matched); the naive reference ranks them all: "
             + "; ".join(f"{NAMES[e.backend]}: `{e.naive_sql}`" for e in self.engines)
