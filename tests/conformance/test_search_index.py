@@ -313,6 +313,16 @@ async def test_snippets_mark_the_matched_words(store: MetadataStore) -> None:
     assert f"{HIGHLIGHT_START}plain{HIGHLIGHT_END}" in hit.snippet
 
 
+async def test_snippets_keep_text_that_looks_like_markup(store: MetadataStore) -> None:
+    # Transcripts carry tags of their own (WebVTT voice spans, sound labels); PostgreSQL's
+    # headline parser would take them for HTML and leave them out of the snippet.
+    after = " is <laughter> fine, <v Anna>yes</v> & a<b or c>d"
+    await recorded(store, "the budget" + after)
+    [hit] = await search(store, "budget")
+    assert f"budget{HIGHLIGHT_END}{after}" in hit.snippet
+    assert f"{HIGHLIGHT_START}budget{HIGHLIGHT_END}" in hit.snippet
+
+
 # ---- filters, paging, ranking, grouping ---------------------------------------------------------
 
 

@@ -75,6 +75,9 @@ LANGUAGE_CONFIGS = {
     "yi": "yiddish",
 }
 
+_ANGLES_AWAY = "chr(1) || chr(4)"
+"""What ``<`` and ``>`` stand in for while ts_headline reads a segment's text."""
+
 _CANDIDATES = """
 SELECT s.id, s.recording_id, s.start, s."end", s.speaker, s.text, s.config,
     -ts_rank(s.tsv, {tsquery}) AS score, r.title, r.created_at,
@@ -187,4 +190,9 @@ class PostgresSearchIndex(SqlSearchIndex):
             f"StartSel={HIGHLIGHT_START}, StopSel={HIGHLIGHT_END}, "
             f"MaxWords={SNIPPET_WORDS}, MinWords={SNIPPET_WORDS // 3}, HighlightAll=false"
         )
-        return f"ts_headline(page.config, page.text, to_tsquery(page.config, :tq), '{options}')"
+        # The headline parser takes anything between < and > for an HTML tag and leaves it
+        # out; transcripts have tags of their own (WebVTT voices, sound labels), so the angle
+        # brackets go in as control characters indexed text never holds (``clean_text``).
+        text = f"translate(page.text, '<>', {_ANGLES_AWAY})"
+        headline = f"ts_headline(page.config, {text}, to_tsquery(page.config, :tq), '{options}')"
+        return f"translate({headline}, {_ANGLES_AWAY}, '<>')"
