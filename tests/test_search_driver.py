@@ -239,9 +239,8 @@ async def test_a_search_whose_pooled_connection_died_runs_again_on_a_new_one() -
                 pass
             assert await store.search(WS, query, filters, offset=0, limit=10) == first
             assert proxy.accepted == accepted + 1  # the dead one replaced by one new one
-            with proxy.outage():
-                with pytest.raises(BackendUnavailable):
-                    await store.search(WS, query, filters, offset=0, limit=10)
+            with proxy.outage(), pytest.raises(BackendUnavailable):
+                await store.search(WS, query, filters, offset=0, limit=10)
             assert await store.search(WS, query, filters, offset=0, limit=10) == first
         finally:
             await store.close()
