@@ -194,9 +194,10 @@ def test_nothing_a_client_was_told_is_stored_is_lost_through_kills(stack: Stack)
 
 
 # ---- one crash point, pinned down ---------------------------------------------------------------
-# A completion settles the upload's row, then removes its parts (uploads.py, ``_settle``). A
-# process that dies between the two leaves a completed upload with all its parts; the same state
-# is made here without a kill, by a blob store that fails to remove them that once.
+# A completion settles the upload's row, then removes its parts (``_settle`` in
+# ``voxvault.uploads.completion``). A process that dies between the two leaves a completed upload
+# with all its parts; the same state is made here without a kill, by a blob store that fails to
+# remove them that once.
 
 
 @pytest.mark.anyio

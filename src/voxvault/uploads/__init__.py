@@ -38,7 +38,6 @@ the uploads it saw last) and ``common`` (what they share).
 from voxvault.metadata.uploads import Upload, UploadStatus
 from voxvault.uploads.checks import CHECKSUM_ALGORITHMS, Checksum
 from voxvault.uploads.checks import MAX_METADATA_VALUE_BYTES as MAX_METADATA_VALUE_BYTES
-from voxvault.uploads.checks import METADATA_KEYS as METADATA_KEYS
 from voxvault.uploads.checks import check_upload_id as check_upload_id
 from voxvault.uploads.checks import check_upload_metadata as check_upload_metadata
 from voxvault.uploads.chunks import GROWN_PART as GROWN_PART

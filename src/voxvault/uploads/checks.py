@@ -16,7 +16,6 @@ from voxvault.models import RecordingPatch, validation_failed
 from voxvault.names import check_filename
 
 CHECKSUM_ALGORITHMS: Final = checksums.ALGORITHMS
-METADATA_KEYS: Final = ("filename", "title", "content_type", "tags", "transcribe")
 MAX_METADATA_VALUE_BYTES = 16 * 1024
 _UPLOAD_ID_LENGTH = 32
 _HEX = frozenset("0123456789abcdef")
