@@ -569,36 +569,52 @@ async def test_a_completion_cut_short_is_finished_once_by_a_later_head(
 # ---- races and interruptions --------------------------------------------------------------------
 
 
+async def race_at_start(
+    client: httpx.AsyncClient,
+    url: str,
+    first: bytes,
+    second: bytes,
+    *,
+    sent_before_stall: int,
+    declare_length: bool = False,
+) -> tuple[httpx.Response, httpx.Response]:
+    """Two chunks at offset 0: ``first`` sends ``sent_before_stall`` bytes and stalls until
+    ``second``, sent whole meanwhile, has its answer. The answers to both, in that order."""
+    first_started, second_answered = anyio.Event(), anyio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield first[:sent_before_stall]
+        first_started.set()
+        await second_answered.wait()  # the second chunk comes while the first is on its way
+        yield first[sent_before_stall:]
+
+    headers = {**CHUNK, "Upload-Offset": "0"}
+    if declare_length:
+        headers["Content-Length"] = str(len(first))
+    results: dict[str, httpx.Response] = {}
+
+    async def send_first() -> None:
+        results["first"] = await client.patch(url, content=stalled(), headers=headers)
+
+    # A second chunk that waited for the first (which waits for its answer) would wait forever.
+    with within(60, "both chunks' answers"):
+        async with anyio.create_task_group() as group:
+            group.start_soon(send_first)
+            await first_started.wait()
+            results["second"] = await patch(client, url, 0, second)
+            second_answered.set()
+    return results["first"], results["second"]
+
+
 async def test_two_chunks_racing_at_one_offset_one_wins_one_is_409(
     client: httpx.AsyncClient, data_dir: Path
 ) -> None:
     url = await create(client)
-    first_started, second_answered = anyio.Event(), anyio.Event()
-
-    async def stalled(data: bytes) -> AsyncIterator[bytes]:
-        yield data[:10]
-        first_started.set()
-        await second_answered.wait()  # the second chunk comes while the first is on its way
-        yield data[10:]
-
-    results: dict[str, httpx.Response] = {}
-
-    async def send_first(data: bytes) -> None:
-        results["first"] = await client.patch(
-            url, content=stalled(data), headers={**CHUNK, "Upload-Offset": "0"}
-        )
-
     first, second = WAV[:1000], bytes(reversed(WAV[:1000]))
-    # A second chunk that waited for the first (which waits for its answer) would wait forever.
-    with within(60, "both chunks' answers"):
-        async with anyio.create_task_group() as group:
-            group.start_soon(send_first, first)
-            await first_started.wait()
-            results["second"] = await patch(client, url, 0, second)
-            second_answered.set()
-    statuses = sorted(r.status_code for r in results.values())
+    results = await race_at_start(client, url, first, second, sent_before_stall=10)
+    statuses = sorted(r.status_code for r in results)
     assert statuses == [204, 409]
-    winner = first if results["first"].status_code == 204 else second
+    winner = first if results[0].status_code == 204 else second
     assert await offset_of(client, url) == 1000
     parts = upload_files(data_dir)
     assert [p.read_bytes() for p in parts] == [winner]

@@ -17,10 +17,17 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import within
 from tests.media import riff_declaring
 from tests.s3 import S3Bucket, s3_bucket
-from tests.test_tus import CHUNK, TUS, create, patch, set_upload_row, sha1_header
+from tests.test_tus import (
+    CHUNK,
+    TUS,
+    create,
+    patch,
+    race_at_start,
+    set_upload_row,
+    sha1_header,
+)
 from voxvault import Settings, Vault
 from voxvault.blobs.s3 import S3BlobStore
 from voxvault.blobs.s3_multipart import PartBody, S3Multipart
@@ -240,31 +247,11 @@ async def test_two_chunks_racing_at_one_offset_one_wins_one_is_409(
     data = wav_of(2 * PART + 777)
     ours, theirs = data[:PART], data[:44] + os.urandom(PART - 44)
     url = await create(client, len(data))
-    first_started, second_answered = anyio.Event(), anyio.Event()
-
-    async def stalled(chunk: bytes) -> AsyncIterator[bytes]:
-        yield chunk[:MiB]
-        first_started.set()
-        await second_answered.wait()  # the second chunk comes while the first is on its way
-        yield chunk[MiB:]
-
-    results: dict[str, httpx.Response] = {}
-
-    async def send_first(chunk: bytes) -> None:
-        results["first"] = await client.patch(
-            url,
-            content=stalled(chunk),
-            headers={**CHUNK, "Upload-Offset": "0", "Content-Length": str(len(chunk))},
-        )
-
-    with within(60, "both chunks' answers"):
-        async with anyio.create_task_group() as group:
-            group.start_soon(send_first, ours)
-            await first_started.wait()
-            results["second"] = await patch(client, url, 0, theirs)
-            second_answered.set()
-    assert sorted(r.status_code for r in results.values()) == [204, 409]
-    winner = ours if results["first"].status_code == 204 else theirs
+    results = await race_at_start(
+        client, url, ours, theirs, sent_before_stall=MiB, declare_length=True
+    )
+    assert sorted(r.status_code for r in results) == [204, 409]
+    winner = ours if results[0].status_code == 204 else theirs
     # Both attempts' parts are in the multipart upload, under numbers of their own.
     assert sorted(*multipart_parts(bucket).values()) == [1, 2]
     last = await patch(client, url, PART, data[PART:])
