@@ -15,6 +15,7 @@ import pytest
 
 from tests.media import wav_bytes
 from tests.stacks import client, stack
+from voxvault.models import SearchRequest
 
 pytestmark = pytest.mark.anyio
 __all__ = ["client", "stack"]  # the fixtures that run each test on both stacks
@@ -329,7 +330,24 @@ async def test_hostile_queries_are_text_and_change_nothing(client: httpx.AsyncCl
 
 async def test_invalid_requests(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/v1/search"), 422)
-    assert_error(await client.get("/v1/search", params={"q": "x", "limit": 0}), 422)
+    too_few = await client.get("/v1/search", params={"q": "x", "limit": 0, "per_group": "many"})
+    assert_error(too_few, 422)
+    # Each invalid parameter named where it was given, without echoing what was sent.
+    problems = too_few.json()["error"]["detail"]
+    assert sorted(p["loc"] for p in problems) == [["query", "limit"], ["query", "per_group"]]
+    assert all("many" not in str(p) for p in problems)
     assert_error(await client.get("/v1/search", params={"q": "x", "limit": 101}), 422)
+    assert_error(await client.get("/v1/search", params={"q": "x", "created_after": "soon"}), 422)
     assert_error(await client.get("/v1/search", params={"q": ""}), 400)
     assert_error(await client.get("/v1/search", params={"q": "-only -excluded"}), 400)
+
+
+async def test_the_parameters_are_documented(client: httpx.AsyncClient) -> None:
+    operation = (await client.get("/openapi.json")).json()["paths"]["/v1/search"]["get"]
+    parameters = {p["name"]: p for p in operation["parameters"]}
+    assert set(parameters) == set(SearchRequest.model_fields)
+    assert all(p["in"] == "query" for p in parameters.values())
+    assert [name for name, p in parameters.items() if p["required"]] == ["q"]
+    assert "exact phrases" in parameters["q"]["description"]
+    assert parameters["limit"]["schema"]["maximum"] == 100
+    assert "422" in operation["responses"]

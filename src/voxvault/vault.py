@@ -523,23 +523,23 @@ class Vault:
         self, recording_id: str, *, has_rendition: bool, base_url: str, ttl: int | None = None
     ) -> PlaybackLink:
         """``playback_link`` for a recording the caller has just read (no lookup of its own)."""
-        links = await self.sign_playbacks(
+        urls, expires_at = await self.playback_urls(
             [(recording_id, has_rendition)], base_url=base_url, ttl=ttl
         )
-        return links[recording_id, has_rendition]
+        return PlaybackLink(url=urls[recording_id, has_rendition], expires_at=expires_at)
 
-    async def sign_playbacks(
+    async def playback_urls(
         self, recordings: Sequence[tuple[str, bool]], *, base_url: str, ttl: int | None = None
-    ) -> dict[tuple[str, bool], PlaybackLink]:
-        """``sign_playback`` for each ``(recording id, has rendition)``, once per pair and with
-        one expiry for all: a page of search hits often names a recording more than once."""
+    ) -> tuple[dict[tuple[str, bool], str], datetime]:
+        """Playback URLs for each ``(recording id, has rendition)``, signed once per pair and
+        with one expiry for all, and that expiry: a page of search hits often names a
+        recording more than once."""
         ttl = ttl or self.settings.playback_url_ttl
         expires = int(time.time()) + ttl
-        expires_at = datetime.fromtimestamp(expires, tz=UTC)
         base = (self.settings.public_url or base_url).rstrip("/")
-        links: dict[tuple[str, bool], PlaybackLink] = {}
+        urls: dict[tuple[str, bool], str] = {}
         for recording_id, has_rendition in recordings:
-            if (recording_id, has_rendition) in links:
+            if (recording_id, has_rendition) in urls:
                 continue
             # An object store serves the bytes itself: the Opus rendition when there is one.
             key = (blob_keys.recording_playback if has_rendition else blob_keys.recording_original)(
@@ -554,8 +554,8 @@ class Vault:
                     f"{base}/v1/playback/{recording_id}"
                     f"?ws={self.workspace}&expires={expires}&signature={signature}"
                 )
-            links[recording_id, has_rendition] = PlaybackLink(url=url, expires_at=expires_at)
-        return links
+            urls[recording_id, has_rendition] = url
+        return urls, datetime.fromtimestamp(expires, tz=UTC)
 
     async def open_signed_audio(self, recording_id: str, expires: int, signature: str) -> Download:
         self.signer.verify(self.workspace, recording_id, expires, signature)

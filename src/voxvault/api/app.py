@@ -72,8 +72,9 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit)
     app.add_middleware(tus.TusHeaders)
-    # Routes are matched in this order: a resumable upload's chunks, the requests that come in
-    # the longest runs, are matched first (about 0.1 ms less of each 8 MiB chunk's 15).
-    for router in (tus, search, system, recordings, jobs, transcripts, artifacts, playback):
+    # Routes are matched in this order, each request against every route before its own. First
+    # the search, whose whole answer takes about a millisecond, then a resumable upload's
+    # chunks, the requests that come in the longest runs (each 8 MiB chunk takes about 15 ms).
+    for router in (search, tus, system, recordings, jobs, transcripts, artifacts, playback):
         app.include_router(router.router)
     return app

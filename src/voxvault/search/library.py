@@ -84,7 +84,7 @@ async def search_library(
         per_group=request.per_group if grouped else None,
     )
 
-    links = await vault.sign_playbacks(
+    urls, _ = await vault.playback_urls(
         [(found.recording_id, found.has_playback) for found in page.hits], base_url=base_url
     )
     hits = [
@@ -97,7 +97,7 @@ async def search_library(
             text=found.text,
             snippet=highlight(found.snippet),
             playback_url=(
-                f"{links[found.recording_id, found.has_playback].url}"
+                f"{urls[found.recording_id, found.has_playback]}"
                 f"#t={_seconds(found.start)},{_seconds(found.end)}"
             ),
         )
