@@ -314,9 +314,10 @@ async def _statements(url: str, classes: Sequence[QueryClass]) -> dict[str, Bare
     found: dict[str, Bare] = {}
     try:
         async with store.engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
             for qc in classes:
                 statement, values = await store.search_index.statement(
-                    conn,
+                    driver,
                     DEFAULT_WORKSPACE,
                     parse_query(qc.q),
                     SearchFilters(),

@@ -10,9 +10,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.pool import QueuePool
 
 from tests.conformance.test_metadata_store import BASE_TIME, WS, store
 from tests.conformance.test_search_index import recorded
@@ -43,8 +45,9 @@ async def through_sqlalchemy(
     """The page as the search made it before it ran on the driver: the same statement through
     SQLAlchemy's execute, its columns looked up by name."""
     async with store.engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
         statement, values = await store.search_index.statement(
-            conn, WS, parse_query(q), filters, offset=offset, limit=limit, per_group=per_group
+            driver, WS, parse_query(q), filters, offset=offset, limit=limit, per_group=per_group
         )
         rows = (await conn.execute(statement, values)).mappings().all()
     hits = [
@@ -122,6 +125,44 @@ async def test_the_driver_answers_as_sqlalchemy_does(store: MetadataStore) -> No
     assert (grouped.groups, [hit.group for hit in grouped.hits]) == (4, [1, 1, 2, 2])
 
 
+async def test_searches_at_once_share_the_five_search_connections(store: MetadataStore) -> None:
+    # A search gives its connection back outside SQLAlchemy's greenlet, which is safe only
+    # while that needs no I/O: the pool never closes a returned connection (no overflow), so
+    # the sixth search at once waits for one of the five instead of opening a sixth.
+    assert isinstance(store, SqlMetadataStore)
+    await recorded(store, "the budget for next year", "nothing else")
+    query, filters = parse_query("budget"), SearchFilters()
+    pages: list[IndexPage] = []
+
+    opened: list[object] = []
+    sa.event.listen(store.search_engine.sync_engine, "connect", lambda c, _: opened.append(c))
+    at_once = 0
+
+    async def one() -> None:
+        nonlocal at_once
+        at_once += 1
+        pages.append(await store.search(WS, query, filters, offset=0, limit=10))
+        at_once -= 1
+
+    async def count() -> None:
+        while len(pages) < 16:
+            peak.append(at_once)
+            await anyio.sleep(0)
+
+    peak: list[int] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(count)
+        for _ in range(16):
+            group.start_soon(one)
+    assert max(peak) == 16  # all of them under way together
+    assert len(opened) == 5
+    assert all([hit.text for hit in page.hits] == ["the budget for next year"] for page in pages)
+    pool = store.search_engine.pool
+    assert isinstance(pool, QueuePool)
+    assert (pool.checkedout(), pool.overflow() <= 0) == (0, True)
+    assert pool.checkedin() == 5
+
+
 async def test_a_search_on_sqlite_runs_no_statement_through_sqlalchemy(tmp_path: Path) -> None:
     store = SqlMetadataStore(f"sqlite:///{tmp_path / 'meta.db'}")
     await store.migrate()
@@ -129,7 +170,7 @@ async def test_a_search_on_sqlite_runs_no_statement_through_sqlalchemy(tmp_path:
         await recorded(store, "budget plan")
         statements: list[str] = []
         sa.event.listen(
-            store.engine.sync_engine,
+            store.search_engine.sync_engine,
             "before_cursor_execute",
             lambda _conn, _cursor, sql, *_: statements.append(sql),
         )
@@ -147,7 +188,7 @@ async def test_a_statement_sqlite_rejects_stays_an_error_and_is_not_a_503(tmp_pa
         async with store.engine.connect() as conn:
             driver = (await conn.get_raw_connection()).driver_connection
             with pytest.raises(sqlite3.OperationalError, match="no such column"):
-                await store.search_index._run(conn, driver, "SELECT nonsense", [])
+                await store.search_index._run(driver, "SELECT nonsense", [])
     finally:
         await store.close()
 
@@ -182,6 +223,7 @@ async def test_a_locked_sqlite_database_is_a_503_on_search(
         assert isinstance(vault.metadata, SqlMetadataStore)
         assert (await _search(vault)).status_code == 200
         await vault.metadata.engine.dispose()
+        await vault.metadata.search_engine.dispose()
         holder = sqlite3.connect(database, isolation_level=None)
         try:
             holder.execute("PRAGMA locking_mode=EXCLUSIVE")
@@ -203,7 +245,7 @@ async def test_sqlite_failing_the_search_statement_is_a_503(tmp_path: Path) -> N
     vault = await _vault_with_a_hit(tmp_path, f"sqlite:///{tmp_path / 'meta.db'}")
     try:
         assert isinstance(vault.metadata, SqlMetadataStore)
-        engine = vault.metadata.engine
+        engine = vault.metadata.search_engine
         await engine.dispose()  # the pool's one connection from here on is this one
         async with engine.connect() as conn:
             driver = (await conn.get_raw_connection()).driver_connection

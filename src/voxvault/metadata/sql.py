@@ -61,7 +61,7 @@ from voxvault.models import (
     TranscriptInput,
     TranscriptVersion,
 )
-from voxvault.search.base import IndexPage, SearchFilters
+from voxvault.search.base import ConnectionLost, IndexPage, SearchFilters
 from voxvault.search.query import SearchQuery
 from voxvault.search.sql import SqlSearchIndex
 
@@ -207,14 +207,14 @@ def _artifact(row: sa.Row[Any]) -> Artifact:
 CONNECT_TIMEOUT_S = 5
 
 
-def _search_index(dialect: str) -> SqlSearchIndex:
-    if dialect == "sqlite":
+def _search_index(dialect: sa.Dialect) -> SqlSearchIndex:
+    if dialect.name == "sqlite":
         from voxvault.search.sqlite import SqliteSearchIndex
 
-        return SqliteSearchIndex()
+        return SqliteSearchIndex(dialect)
     from voxvault.search.postgres import PostgresSearchIndex
 
-    return PostgresSearchIndex()
+    return PostgresSearchIndex(dialect)
 
 
 class SqlMetadataStore(MetadataStore):
@@ -249,25 +249,28 @@ class SqlMetadataStore(MetadataStore):
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self.engine.sync_engine.pool, "reset", _sqlite_reset)
-        # A search only reads: one SELECT, two when the index refreshes what it caches. On
-        # PostgreSQL it runs on connections of its own that stay in autocommit: no BEGIN and
-        # ROLLBACK round trips around it, and no switching of a connection's mode when it is
-        # checked out and returned (the pre-ping alone switches the engine's on and off again).
-        # Nor are they pinged before each use, a round trip per search: a search whose
-        # connection turns out dead runs once more on a new one instead (``search``).
-        # SQLite begins no transaction for a SELECT, so its searches share the one engine.
-        self._search_engine = self.engine
-        if self.dialect != "sqlite":
-            self._search_engine = create_async_engine(
+        # A search only reads: one SELECT, two when the index refreshes what it caches. It runs
+        # on an engine of its own, on a connection borrowed from the pool and given back without
+        # SQLAlchemy's Connection around it (``search``). Giving one back must need no I/O, as
+        # it happens outside SQLAlchemy's greenlet: there is nothing to reset (PostgreSQL's stay
+        # in autocommit, so no BEGIN and ROLLBACK round trips either; a SELECT begins nothing
+        # on SQLite), and none is closed then (no overflow: a sixth search at once waits for
+        # one of the five). Nor are they pinged before each use, a round trip per search: a
+        # search whose connection turns out dead runs once more on a new one instead.
+        # An in-memory SQLite database lives in its one connection, which searches share.
+        self.search_engine: AsyncEngine = self.engine
+        if not in_memory:
+            self.search_engine = create_async_engine(
                 async_url,
-                isolation_level="AUTOCOMMIT",
+                pool_reset_on_return=None,
+                max_overflow=0,
                 connect_args=connect_args,
                 poolclass=_Pool,
+                **({} if sqlite else {"isolation_level": "AUTOCOMMIT"}),
             )
-            event.listen(
-                self._search_engine.sync_engine, "handle_error", _unreachable_is_unavailable
-            )
-        self.search_index = _search_index(self.dialect)
+            if sqlite:
+                event.listen(self.search_engine.sync_engine, "connect", _sqlite_pragmas)
+        self.search_index = _search_index(self.search_engine.dialect)
         # Resumable uploads record each stored chunk on a connection of their own (see there).
         self.autocommit: SqliteAutocommit | None = None
         if sqlite and not in_memory:
@@ -313,8 +316,8 @@ class SqlMetadataStore(MetadataStore):
     async def close(self) -> None:
         if self.autocommit is not None:
             await self.autocommit.close()
-        if self._search_engine is not self.engine:
-            await self._search_engine.dispose()
+        if self.search_engine is not self.engine:
+            await self.search_engine.dispose()
         await self.engine.dispose()
 
     # ---- recordings ---------------------------------------------------------------------------
@@ -649,24 +652,35 @@ class SqlMetadataStore(MetadataStore):
                 created_after=filters.created_after and _utc(filters.created_after),
                 created_before=filters.created_before and _utc(filters.created_before),
             )
+        dbapi = self.search_engine.dialect.loaded_dbapi
         for attempt in (1, 2):
-            async with self._search_engine.connect() as conn:
-                try:
-                    return await self.search_index.search(
-                        conn,
-                        workspace,
-                        query,
-                        filters,
-                        offset=offset,
-                        limit=limit,
-                        per_group=per_group,
-                    )
-                except BackendUnavailable:
-                    # The pooled connection was dead (the database restarted, or a network
-                    # path reset it while idle) and is now invalidated: a read is safe to
-                    # run again, on a new connection. Unreachable twice is a 503.
-                    if attempt == 2 or not conn.invalidated:
-                        raise
+            try:
+                pooled = await self.search_engine.raw_connection()
+            except dbapi.OperationalError as exc:
+                # Refused, unreachable, or (SQLite) locked past the busy timeout while it
+                # connected: a 503, as ``_unreachable_is_unavailable`` makes it on the
+                # engine's own connections (the pool's checkout does not go through it).
+                reason = str(exc).strip().split("\n", 1)[0]
+                raise BackendUnavailable(f"the database is unreachable: {reason}") from exc
+            try:
+                return await self.search_index.search(
+                    pooled.driver_connection,
+                    workspace,
+                    query,
+                    filters,
+                    offset=offset,
+                    limit=limit,
+                    per_group=per_group,
+                )
+            except ConnectionLost as exc:
+                # The pooled connection was dead (the database restarted, or a network path
+                # reset it while idle): the pool replaces it when it is next taken out, and a
+                # read is safe to run again. Unreachable twice is a 503.
+                pooled.invalidate(exc, soft=True)
+                if attempt == 2:
+                    raise
+            finally:
+                pooled.close()  # back to the pool, without I/O (see the search engine)
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def reindex_recording(self, recording_id: str) -> bool:

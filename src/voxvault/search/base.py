@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from voxvault.errors import BackendUnavailable
 from voxvault.models import Segment
 from voxvault.search.query import SearchQuery
 
@@ -68,6 +69,11 @@ class IndexPage:
     """More segments matched than the window ranked."""
 
 
+class ConnectionLost(BackendUnavailable):
+    """The connection a search ran on is gone (the database restarted, or a network path
+    reset it): the search may run again on another."""
+
+
 def clean_text(text: str) -> str:
     """Indexed text without the highlight markers (or any other C0 control but tab/newline)."""
     return "".join(c if c >= " " or c in "\t\n" else " " for c in text)
@@ -98,7 +104,7 @@ class SearchIndex(ABC):
     @abstractmethod
     async def search(
         self,
-        conn: AsyncConnection,
+        driver: Any,
         workspace: str,
         query: SearchQuery,
         filters: SearchFilters,
@@ -107,7 +113,10 @@ class SearchIndex(ABC):
         limit: int,
         per_group: int | None = None,
     ) -> IndexPage:
-        """Ranked hits ``offset .. offset + limit`` (relevance, then newer recordings first).
+        """Ranked hits ``offset .. offset + limit`` (relevance, then newer recordings first),
+        read on ``driver``, a pooled connection's own driver connection (aiosqlite's or
+        psycopg's), outside any transaction. A database that cannot answer now raises
+        ``BackendUnavailable``; ``ConnectionLost`` when another connection may.
 
         With ``per_group``, the page holds recordings ``offset .. offset + limit`` instead,
         ranked by their best hit, with up to ``per_group`` hits each.

@@ -27,12 +27,12 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from voxvault.errors import BackendUnavailable
 from voxvault.search.base import (
     DEFAULT_WINDOW,
     HIGHLIGHT_END,
     HIGHLIGHT_START,
     SNIPPET_WORDS,
+    ConnectionLost,
     SearchFilters,
 )
 from voxvault.search.query import SearchQuery, to_tsquery_text
@@ -97,9 +97,13 @@ def _literal(config: str) -> str:
     return f"'{config}'::regconfig"
 
 
+_AVAILABLE = "SELECT cfgname FROM pg_ts_config WHERE cfgname LIKE 'voxvault\\_%'"
+_IN_USE = "SELECT DISTINCT config FROM search_documents"
+
+
 class PostgresSearchIndex(SqlSearchIndex):
-    def __init__(self, *, window: int = DEFAULT_WINDOW) -> None:
-        super().__init__(window=window)
+    def __init__(self, dialect: sa.Dialect, *, window: int = DEFAULT_WINDOW) -> None:
+        super().__init__(dialect, window=window)
         self._available: frozenset[str] | None = None
         self._in_use: tuple[float, frozenset[str]] | None = None
 
@@ -125,37 +129,29 @@ class PostgresSearchIndex(SqlSearchIndex):
         )
 
     async def replace(self, conn: AsyncConnection, *args: Any, **kwargs: Any) -> None:
-        await self._load_available(conn)
+        await self._load_available((await conn.get_raw_connection()).driver_connection)
         await super().replace(conn, *args, **kwargs)
         self._in_use = None  # a new language may have come in
 
-    async def _load_available(self, conn: AsyncConnection) -> frozenset[str]:
+    async def _load_available(self, driver: Any) -> frozenset[str]:
         if self._available is None:
-            names = (
-                await conn.execute(
-                    sa.text("SELECT cfgname FROM pg_ts_config WHERE cfgname LIKE 'voxvault\\_%'")
-                )
-            ).scalars()
-            self._available = frozenset(names)
+            self._available = frozenset(row[0] for row in await self._run(driver, _AVAILABLE))
         return self._available
 
-    async def _configs(self, conn: AsyncConnection, filters: SearchFilters) -> list[str]:
+    async def _configs(self, driver: Any, filters: SearchFilters) -> list[str]:
         """The configurations the query must be parsed with: those the indexed rows use."""
         if filters.language is not None:
-            await self._load_available(conn)
+            await self._load_available(driver)
             return [self._config(filters.language)]
         now = time.monotonic()
         if self._in_use is None or now - self._in_use[0] > CONFIG_CACHE_S:
-            names = (
-                await conn.execute(sa.text("SELECT DISTINCT config FROM search_documents"))
-            ).scalars()
-            self._in_use = (now, frozenset(names))
+            self._in_use = (now, frozenset(row[0] for row in await self._run(driver, _IN_USE)))
         return sorted(self._in_use[1]) or [SIMPLE]
 
     async def _candidates(
-        self, conn: AsyncConnection, query: SearchQuery, filters: SearchFilters, where: str
+        self, driver: Any, query: SearchQuery, filters: SearchFilters, where: str
     ) -> tuple[str, dict[str, Any]]:
-        configs = await self._configs(conn, filters)
+        configs = await self._configs(driver, filters)
         parsed = {c: f"to_tsquery({_literal(c)}, :tq)" for c in configs}
         any_config = "(" + " || ".join(parsed.values()) + ")"
         own_reading = ""
@@ -171,7 +167,7 @@ class PostgresSearchIndex(SqlSearchIndex):
         )
 
     async def _run(
-        self, conn: AsyncConnection, driver: Any, sql: str, parameters: list[Any] | dict[str, Any]
+        self, driver: Any, sql: str, parameters: list[Any] | dict[str, Any] | None = None
     ) -> Sequence[Sequence[Any]]:
         # psycopg's own coroutines, awaited here: no greenlet switches and no result processing.
         try:
@@ -180,9 +176,8 @@ class PostgresSearchIndex(SqlSearchIndex):
         except psycopg.Error as exc:
             if not (driver.broken or driver.closed):
                 raise  # a failing statement on a live connection stays what it is
-            await conn.invalidate(exc)  # the pool opens a new one
             reason = str(exc).strip().split("\n", 1)[0]
-            raise BackendUnavailable(f"the database is unreachable: {reason}") from exc
+            raise ConnectionLost(f"the database is unreachable: {reason}") from exc
         return rows
 
     def _snippet(self) -> str:

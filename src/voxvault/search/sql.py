@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from voxvault.metadata.tables import UTCDateTime, search_documents, search_segments
 from voxvault.models import Segment
 from voxvault.search.base import (
+    DEFAULT_WINDOW,
     IndexHit,
     IndexPage,
     SearchFilters,
@@ -119,6 +120,11 @@ def driver_statement(statement: sa.TextClause, dialect: sa.Dialect) -> DriverSta
 
 
 class SqlSearchIndex(SearchIndex):
+    def __init__(self, dialect: sa.Dialect, *, window: int = DEFAULT_WINDOW) -> None:
+        super().__init__(window=window)
+        self.dialect = dialect
+        """The dialect of the engine searches run on: their statements are compiled for it."""
+
     # ---- writes -------------------------------------------------------------------------------
 
     async def replace(
@@ -191,7 +197,7 @@ class SqlSearchIndex(SearchIndex):
 
     async def search(
         self,
-        conn: AsyncConnection,
+        driver: Any,
         workspace: str,
         query: SearchQuery,
         filters: SearchFilters,
@@ -201,13 +207,12 @@ class SqlSearchIndex(SearchIndex):
         per_group: int | None = None,
     ) -> IndexPage:
         statement, values = await self.statement(
-            conn, workspace, query, filters, offset=offset, limit=limit, per_group=per_group
+            driver, workspace, query, filters, offset=offset, limit=limit, per_group=per_group
         )
-        # On the connection's driver: no SQLAlchemy execute, so no result processing and no
-        # transaction begun on the connection, whose end would cost one more round trip.
-        bare = driver_statement(statement, conn.dialect)
-        driver = (await conn.get_raw_connection()).driver_connection
-        rows = await self._run(conn, driver, bare.sql, bare.parameters(values))
+        # On the driver: no SQLAlchemy execute, so no result processing and no transaction
+        # begun on the connection, whose end would cost one more round trip.
+        bare = driver_statement(statement, self.dialect)
+        rows = await self._run(driver, bare.sql, bare.parameters(values))
         hits = [
             IndexHit(rid, title, bool(playback), start, end, who, text, snippet or text, grp)
             for rid, title, playback, start, end, who, text, snippet, grp, _, _ in rows
@@ -219,16 +224,16 @@ class SqlSearchIndex(SearchIndex):
 
     @abstractmethod
     async def _run(
-        self, conn: AsyncConnection, driver: Any, sql: str, parameters: list[Any] | dict[str, Any]
+        self, driver: Any, sql: str, parameters: list[Any] | dict[str, Any] | None = None
     ) -> Sequence[Sequence[Any]]:
-        """The rows of ``sql`` run on ``driver``, the driver connection under ``conn``, each
-        its columns in order. A database that cannot answer now (the connection lost, SQLite
-        busy past its timeout) raises ``BackendUnavailable``, as a lost one does through
-        SQLAlchemy (``_unreachable_is_unavailable``)."""
+        """The rows of ``sql`` run on ``driver``, each its columns in order. A database that
+        cannot answer now (SQLite busy past its timeout, the disk failing) raises
+        ``BackendUnavailable``, as SQLAlchemy's errors for it do
+        (``_unreachable_is_unavailable``); a lost connection ``ConnectionLost``."""
 
     async def statement(
         self,
-        conn: AsyncConnection,
+        driver: Any,
         workspace: str,
         query: SearchQuery,
         filters: SearchFilters,
@@ -237,9 +242,10 @@ class SqlSearchIndex(SearchIndex):
         limit: int,
         per_group: int | None = None,
     ) -> tuple[sa.TextClause, dict[str, Any]]:
-        """The one SQL statement ``search`` runs, and its values (benchmarks run it bare)."""
+        """The one SQL statement ``search`` runs, and its values (benchmarks run it bare);
+        ``driver`` answers what the statement depends on, if anything."""
         where, params = self._filters(filters)
-        candidates, match_params = await self._candidates(conn, query, filters, where)
+        candidates, match_params = await self._candidates(driver, query, filters, where)
         template = _PAGE if per_group is None else _GROUPED_PAGE
         statement = _text_statement(
             template.format(candidates=candidates, hits=_HITS.format(snippet=self._snippet())),
@@ -290,7 +296,7 @@ class SqlSearchIndex(SearchIndex):
 
     @abstractmethod
     async def _candidates(
-        self, conn: AsyncConnection, query: SearchQuery, filters: SearchFilters, where: str
+        self, driver: Any, query: SearchQuery, filters: SearchFilters, where: str
     ) -> tuple[str, dict[str, Any]]:
         """The engine's candidate SELECT (see the module docstring) and its parameters."""
 

@@ -15,8 +15,6 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from voxvault.errors import BackendUnavailable
 from voxvault.search.base import HIGHLIGHT_END, HIGHLIGHT_START, SNIPPET_WORDS, SearchFilters
 from voxvault.search.query import SearchQuery, to_fts5
@@ -52,7 +50,7 @@ _SNIPPET = (
 
 class SqliteSearchIndex(SqlSearchIndex):
     async def _candidates(
-        self, conn: AsyncConnection, query: SearchQuery, filters: SearchFilters, where: str
+        self, driver: Any, query: SearchQuery, filters: SearchFilters, where: str
     ) -> tuple[str, dict[str, Any]]:
         rowids = _RECORDING_ROWIDS if filters.recording_id is not None else ""
         # A page's snippets are each looked up by rowid, which costs FTS5 the set-up of the
@@ -67,13 +65,13 @@ class SqliteSearchIndex(SqlSearchIndex):
         return any(term.prefix for group in query.groups for term in group)
 
     async def _run(
-        self, conn: AsyncConnection, driver: Any, sql: str, parameters: list[Any] | dict[str, Any]
+        self, driver: Any, sql: str, parameters: list[Any] | dict[str, Any] | None = None
     ) -> Sequence[Sequence[Any]]:
         # One round trip to aiosqlite's thread, where SQLAlchemy takes five (cursor, statement,
         # rows, cursor close, and the rollback when the connection closes). sqlite3 begins no
-        # transaction for a SELECT, so the pool's reset (``_sqlite_reset``) has none to end.
+        # transaction for a SELECT, so the connection goes back to the pool with none open.
         try:
-            rows: Sequence[Sequence[Any]] = await driver.execute_fetchall(sql, parameters)
+            rows: Sequence[Sequence[Any]] = await driver.execute_fetchall(sql, parameters or ())
         except sqlite3.OperationalError as exc:
             # Busy past the busy timeout, or the disk failing; a plain SQLITE_ERROR is a
             # statement this code got wrong, which no retry would mend.
