@@ -9,9 +9,10 @@ reported for each. Then, per engine and per query class (a rare word, the most c
 two-word ANDs, a phrase, a prefix), ``GET /v1/search?q=...`` against a ``voxvault serve
 --workers 0`` process over that database is timed, interleaved with the exact statement the
 search runs (``SqlSearchIndex.statement``) executed straight through the driver (``sqlite3``,
-``psycopg``) on the same database. A reference row times the naive query that ranks every match
-of the most common word, which the search's bounded window avoids. The PostgreSQL database is
-dropped afterwards.
+``psycopg``) on the same database, and with a bare ASGI app (``bench.search_floor``) serving
+that statement's rows: the least any Python HTTP front-end adds. A reference row times the
+naive query that ranks every match of the most common word, which the search's bounded window
+avoids. The PostgreSQL database is dropped afterwards.
 
 Run alone: ``.venv/bin/python -m bench.search [--segments N] [--samples N]``.
 """
@@ -27,6 +28,7 @@ import random
 import re
 import sqlite3
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,11 +45,14 @@ from bench.common import (
     Server,
     clean_env,
     fmt,
+    free_port,
     log,
+    managed_process,
     raise_on_sigterm,
     scratch_dir,
     settings_env,
     voxvault_server,
+    wait_until_up,
 )
 from bench.report import Row, Table, render_text, write_section
 
@@ -64,7 +69,7 @@ MIN_SAMPLES = 5
 CLASS_BUDGET_S = 10.0  # fewer samples (not fewer than MIN_SAMPLES) for slow classes
 WARMUP = 2
 FLOOR_SAMPLES = 200
-SERVER_WARMUP_S = 3.0  # every class in turn, API and bare, before the first is timed
+SERVER_WARMUP_S = 3.0  # every class in turn, each way, before the first is timed
 NAIVE_RUNS = 3
 PAGE = 20  # the API's default page
 RARE_MATCHES_PER_MILLION = 20
@@ -383,12 +388,18 @@ class ClassResult:
     matches: int
     api: Timing
     bare: Timing
+    asgi: Timing
+    """The bare ASGI app (``bench.search_floor``) serving the statement's rows."""
     truncated: bool
     samples: int
 
     @property
     def ratio(self) -> float:
         return self.api.p50_ms / self.bare.p50_ms
+
+    @property
+    def asgi_ratio(self) -> float:
+        return self.asgi.p50_ms / self.bare.p50_ms
 
     @property
     def p95_ratio(self) -> float:
@@ -402,7 +413,7 @@ class EngineResult:
     classes: Sequence[ClassResult]
     naive: Timing
     naive_sql: str
-    floor: Timing
+    healthz: Timing
     """``GET /healthz`` on the same connection: what any request to this server costs."""
     plans: dict[str, str]
 
@@ -480,23 +491,48 @@ def _bare_once(execute: Callable[[str, Any], list[Any]], bare: Bare) -> tuple[fl
     return time.perf_counter() - started, len(rows)
 
 
-def _warm_up(
-    client: KeepAliveClient,
-    execute: Callable[[str, Any], list[Any]],
-    classes: Sequence[QueryClass],
-    statements: dict[str, Bare],
-) -> None:
+def _asgi_once(client: KeepAliveClient, key: str) -> tuple[float, int]:
+    started = time.perf_counter()
+    status, content = client.get("/", {"class": key})
+    elapsed = time.perf_counter() - started
+    if status != 200:
+        raise BenchError(f"the bare ASGI app answered {status}: {content[:500]!r}")
+    return elapsed, len(json.loads(content)["rows"])
+
+
+@dataclass(frozen=True, slots=True)
+class Contenders:
+    """What is timed, one query class at a time: each call runs the class once and returns
+    (seconds, rows or hits, truncated)."""
+
+    api: KeepAliveClient
+    asgi: KeepAliveClient
+    execute: Callable[[str, Any], list[Any]]
+    statements: dict[str, Bare]
+
+    def run(self, which: str, qc: QueryClass) -> tuple[float, int, bool]:
+        if which == "api":
+            return _api_once(self.api, qc.q)
+        if which == "asgi":
+            return (*_asgi_once(self.asgi, qc.key), False)
+        return (*_bare_once(self.execute, self.statements[qc.key]), False)
+
+
+_CONTENDERS = ("api", "bare", "asgi")
+
+
+def _warm_up(contenders: Contenders, classes: Sequence[QueryClass]) -> None:
     """Every class in turn for ``SERVER_WARMUP_S``, so that the first class timed does not
     alone pay for warming a fresh server, its new database connection and its caches."""
     deadline = time.perf_counter() + SERVER_WARMUP_S
     for qc in itertools.cycle(classes):
-        _api_once(client, qc.q)
-        _bare_once(execute, statements[qc.key])
+        for which in _CONTENDERS:
+            contenders.run(which, qc)
         if time.perf_counter() > deadline:
             return
 
 
-def _floor(client: KeepAliveClient) -> Timing:
+def _healthz(client: KeepAliveClient) -> Timing:
     times = []
     for _ in range(FLOOR_SAMPLES):
         started = time.perf_counter()
@@ -507,64 +543,108 @@ def _floor(client: KeepAliveClient) -> Timing:
     return Timing.of(times)
 
 
+def _measure_class(
+    backend: str, contenders: Contenders, qc: QueryClass, samples: int, matches: int
+) -> ClassResult:
+    started = time.perf_counter()
+    for _ in range(WARMUP):
+        for which in _CONTENDERS:
+            contenders.run(which, qc)
+    round_s = (time.perf_counter() - started) / WARMUP
+    rounds = max(MIN_SAMPLES, min(samples, int(CLASS_BUDGET_S / round_s)))
+    seconds: dict[str, list[float]] = {which: [] for which in _CONTENDERS}
+    truncated = False
+    for number in range(rounds):
+        # Each contender first, second and last in turn.
+        turn = number % len(_CONTENDERS)
+        counts: dict[str, int] = {}
+        for which in _CONTENDERS[turn:] + _CONTENDERS[:turn]:
+            elapsed, counts[which], more = contenders.run(which, qc)
+            seconds[which].append(elapsed)
+            truncated = truncated or more
+        if set(counts.values()) != {min(PAGE, matches)}:
+            raise BenchError(f"{qc.label} on {NAMES[backend]}: {counts}, {matches} matches")
+    return ClassResult(
+        qc,
+        matches,
+        api=Timing.of(seconds["api"]),
+        bare=Timing.of(seconds["bare"]),
+        asgi=Timing.of(seconds["asgi"]),
+        truncated=truncated,
+        samples=rounds,
+    )
+
+
 def measure_engine(
     backend: str,
     url: str,
-    server: Server,
+    servers: tuple[Server, Server],
+    statements: dict[str, Bare],
     classes: Sequence[QueryClass],
     samples: int,
     build: Build,
     common_word: str,
 ) -> EngineResult:
-    statements = anyio.run(_statements, url, classes)
+    """Each class timed through the API (``servers[0]``), bare, and through the bare ASGI
+    app (``servers[1]``), interleaved."""
     results: list[ClassResult] = []
     plans: dict[str, str] = {}
     with (
         _driver(backend, url) as execute,
-        KeepAliveClient(server) as client,
+        KeepAliveClient(servers[0]) as api,
+        KeepAliveClient(servers[1]) as asgi,
     ):
-        _warm_up(client, execute, classes, statements)
+        contenders = Contenders(api, asgi, execute, statements)
+        _warm_up(contenders, classes)
         for qc in classes:
-            bare = statements[qc.key]
             matches = _count(backend, execute, qc)
             if backend == "postgresql":
-                plans[qc.key] = _plan(execute, bare)
-            started = time.perf_counter()
-            for _ in range(WARMUP):
-                _api_once(client, qc.q)
-                _bare_once(execute, bare)
-            pair_s = (time.perf_counter() - started) / WARMUP
-            rounds = max(MIN_SAMPLES, min(samples, int(CLASS_BUDGET_S / pair_s)))
-            api_s: list[float] = []
-            bare_s: list[float] = []
-            truncated = False
-            for number in range(rounds):
-                order = (0, 1) if number % 2 == 0 else (1, 0)
-                for which in order:
-                    if which == 0:
-                        seconds, items, truncated = _api_once(client, qc.q)
-                        api_s.append(seconds)
-                    else:
-                        seconds, rows = _bare_once(execute, bare)
-                        bare_s.append(seconds)
-                if rows != items or items != min(PAGE, matches):
-                    raise BenchError(
-                        f"{qc.label} on {NAMES[backend]}: API {items} hits, bare {rows} rows, "
-                        f"{matches} matches"
-                    )
-            result = ClassResult(
-                qc, matches, Timing.of(api_s), Timing.of(bare_s), truncated, rounds
-            )
+                plans[qc.key] = _plan(execute, statements[qc.key])
+            result = _measure_class(backend, contenders, qc, samples, matches)
             log(
                 f"[search] {NAMES[backend]}, {qc.label} ({qc.q}, {matches:,} matches): API "
-                f"{result.api.text} ms, bare {result.bare.text} ms, ratio {result.ratio:.2f}"
+                f"{result.api.text} ms, bare {result.bare.text} ms, ratio {result.ratio:.2f}; "
+                f"bare ASGI app {result.asgi.text} ms, ratio {result.asgi_ratio:.2f}"
             )
             results.append(result)
         naive = _naive(backend, execute, common_word)
-        floor = _floor(client)
+        healthz = _healthz(api)
     log(f"[search] {NAMES[backend]}, naive ranked query over '{common_word}': {naive.text} ms")
-    log(f"[search] {NAMES[backend]}, GET /healthz: {floor.text} ms")
-    return EngineResult(backend, build, results, naive, _naive_sql(backend), floor, plans)
+    log(f"[search] {NAMES[backend]}, GET /healthz: {healthz.text} ms")
+    return EngineResult(backend, build, results, naive, _naive_sql(backend), healthz, plans)
+
+
+@contextlib.contextmanager
+def bare_asgi_app(
+    workdir: Path, backend: str, url: str, statements: dict[str, Bare]
+) -> Iterator[Server]:
+    """``bench.search_floor`` under uvicorn as ``voxvault serve`` runs (uvloop, httptools)."""
+    from bench.search_floor import DATABASE_ENV, STATEMENTS_ENV
+
+    listed = workdir / f"statements-{backend}.json"
+    listed.write_text(json.dumps({k: [b.sql, b.parameters] for k, b in statements.items()}))
+    database = url if backend == "postgresql" else str(_sqlite_path(url))
+    port = free_port()
+    log_path = workdir / f"bare-asgi-{backend}.log"
+    argv = [
+        str(Path(sys.executable).with_name("uvicorn")),
+        "bench.search_floor:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    env = {**clean_env(), DATABASE_ENV: database, STATEMENTS_ENV: str(listed)}
+    with managed_process(argv, log_path=log_path, env=env) as proc:
+        wait_until_up(f"http://127.0.0.1:{port}/", proc, log_path)
+        yield Server(proc, port)
 
 
 # ---- the result --------------------------------------------------------------------------------
@@ -618,7 +698,9 @@ class SearchResult:
         rows = []
         for c in engine.classes:
             met = c.ratio <= GOAL_RATIO
-            verdict = ("met" if met else "not met") + f" (p95 ratio {c.p95_ratio:.2f})"
+            verdict = ("met" if met else "not met") + (
+                f" (p95 ratio {c.p95_ratio:.2f}; bare ASGI app {c.asgi_ratio:.2f})"
+            )
             rows.append(
                 Row(
                     f"{NAMES[engine.backend]}: {c.query.label} `{c.query.q}` "
@@ -662,8 +744,9 @@ class SearchResult:
             "against the server), request sent to body read; the bare "
             "time is the same statement executed and its rows fetched on one driver connection. "
             f"After {SERVER_WARMUP_S:.0f} s of every class in turn, up to {self.samples} "
-            f"samples of each per class after {WARMUP} warm-ups, API and "
-            f"bare alternating; slow classes get fewer (about {CLASS_BUDGET_S:.0f} s per class, "
+            f"samples of each per class after {WARMUP} warm-ups, API, bare and the bare ASGI "
+            "app below in rotating order; slow classes get fewer "
+            f"(about {CLASS_BUDGET_S:.0f} s per class, "
             f"at least {MIN_SAMPLES}): "
             + ", ".join(
                 f"{NAMES[e.backend]} {c.query.key} {c.samples}"
@@ -686,10 +769,20 @@ class SearchResult:
             + ".",
             "For scale, the least any request to the server costs: `GET /healthz` on the "
             "same connection, p50 / p95 "
-            + "; ".join(f"{NAMES[e.backend]} {e.floor.text} ms" for e in self.engines)
-            + ". A statement that takes well under a millisecond or two cannot stay within "
-            "1.5× over HTTP here: that floor, FastAPI's routing and validation, the store's "
-            "connection checkout and the hits' snippets, links and JSON come on top of it.",
+            + "; ".join(f"{NAMES[e.backend]} {e.healthz.text} ms" for e in self.engines)
+            + ". And the least any Python HTTP front-end adds to the statement: a bare ASGI "
+            "app (`bench/search_floor.py`: no framework, no validation, no service) under "
+            "uvicorn with the same loop and parser as `voxvault serve`, running the same "
+            "statement on a connection opened as the bare one and answering its rows as JSON "
+            "(on SQLite on the event loop itself), timed in the same rounds; its ratio to the "
+            "bare statement is beside each verdict, p50 / p95 in ms: "
+            + "; ".join(
+                f"{NAMES[e.backend]} {c.query.key} {c.asgi.text}"
+                for e in self.engines
+                for c in e.classes
+            )
+            + ". Where that ratio is itself near or above 1.5, no Python server can meet the "
+            "goal for the class on this machine.",
             "The search ranks at most the newest 1,000 matching segments (`truncated` in the "
             "answer says more matched); the naive reference ranks them all: "
             + "; ".join(f"{NAMES[e.backend]}: `{e.naive_sql}`" for e in self.engines)
@@ -731,7 +824,8 @@ class SearchResult:
                 f"`{LANGUAGE}`. Each engine is then served by a `voxvault serve --workers 0` "
                 "process; `GET /v1/search` per query class is timed against the exact "
                 "statement the search runs (`SqlSearchIndex.statement`), executed bare "
-                "through the driver (`sqlite3`, `psycopg`) on the same database, interleaved. "
+                "through the driver (`sqlite3`, `psycopg`) on the same database, and with a "
+                "bare ASGI app serving its rows, interleaved. "
                 "Latencies p50 / p95 in ms, lower is better; match counts are all segments "
                 "the query matches."
             ),
@@ -770,17 +864,22 @@ def _measure(workdir: Path, postgres_url: str, segments: int, samples: int) -> S
     engines = []
     for backend in BACKENDS:
         data_dir = workdir / f"data-{backend}"
-        with voxvault_server(
-            data_dir,
-            workdir / f"server-{backend}.log",
-            serve_args=["--workers", "0"],
-            env={**clean_env(), **settings_env(data_dir, urls[backend])},
-        ) as server:
+        statements = anyio.run(_statements, urls[backend], classes)
+        with (
+            voxvault_server(
+                data_dir,
+                workdir / f"server-{backend}.log",
+                serve_args=["--workers", "0"],
+                env={**clean_env(), **settings_env(data_dir, urls[backend])},
+            ) as server,
+            bare_asgi_app(workdir, backend, urls[backend], statements) as asgi,
+        ):
             engines.append(
                 measure_engine(
                     backend,
                     urls[backend],
-                    server,
+                    (server, asgi),
+                    statements,
                     classes,
                     samples,
                     builds[backend],
