@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ConfigDict
 
 from voxvault.api.deps import VaultDep
-from voxvault.api.query_model import parse_query, query_parameters
+from voxvault.api.query_model import parse_query_string, query_parameters
 from voxvault.models import SearchGroupPage, SearchPage, SearchRequest
 
 router = APIRouter(prefix="/v1/search", tags=["search"])
@@ -32,7 +32,7 @@ async def search(request: Request, vault: VaultDep) -> Response:
     there. Ranking considers the newest 1,000 matching segments; `truncated` says more matched.
     Pass `next_cursor` back as `cursor` (with the same query and filters) for the next page.
     """
-    asked = parse_query(SearchParameters, request)
+    asked = parse_query_string(SearchParameters, request)
     page = await vault.search(asked, base_url=str(request.base_url))
     # The page is the service's own model, made just now: serialised as it is, not validated
     # against the response model once more.
