@@ -328,6 +328,7 @@ def test_compose_runs_the_stack_from_the_image_the_dockerfile_builds(
     services = compose["services"]
     assert set(services) == {"postgres", "redis", "minio", "minio-setup", *VOXVAULT_ROLES}
     assert services["postgres"]["image"] == "postgres:16"
+    assert services["postgres"]["command"] == ["postgres", "-c", "max_connections=300"]
     assert services["redis"]["image"] == "redis:7"
     assert services["minio"]["image"].startswith("minio/minio:")
     assert services["minio-setup"]["image"].startswith("minio/mc:")
