@@ -129,7 +129,8 @@ class PostgresSearchIndex(SqlSearchIndex):
         )
 
     async def replace(self, conn: AsyncConnection, *args: Any, **kwargs: Any) -> None:
-        await self._load_available((await conn.get_raw_connection()).driver_connection)
+        if self._available is None:
+            await self._load_available((await conn.get_raw_connection()).driver_connection)
         await super().replace(conn, *args, **kwargs)
         self._in_use = None  # a new language may have come in
 
